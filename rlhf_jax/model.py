@@ -1,0 +1,318 @@
+"""Decoder-only Transformer LM with an optional scalar head, in Flax Linen.
+
+One module covers the policy, the reference, the reward model and the value model:
+  * style 'gpt2': LayerNorm, learned positions, tanh-GELU MLP, tied embeddings, biases;
+  * style 'llama': RMSNorm, rotary positions, SwiGLU MLP, grouped-query attention, untied head,
+    no biases.
+
+Every call takes tokens, a padding mask and position ids, so a left- or right-padded batch gives
+the same outputs at its real tokens as the unpadded sequences do. Attention is expressed over
+cache *slots*: without a cache slot t holds token t; with a cache (sampling) new tokens are written
+at `cache['index']` and attend to every earlier real slot. Parameters and key activations carry
+logical axis names (`batch`, `length`, `embed`, `mlp`, `heads`, `kv`, `vocab`), mapped to mesh
+axes by `rlhf_jax.sharding.RULES`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+_NEG = -1e30  # masked attention logit; finite so a row with no visible key stays finite
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Shape and numerics of one Transformer. Hashable, so it can be a static jit argument."""
+  vocab_size: int = 8192
+  d_model: int = 256
+  n_layer: int = 4
+  n_head: int = 4
+  n_kv_head: int | None = None   # None: = n_head (multi-head); fewer: grouped-query attention
+  d_ff: int = 1024
+  max_len: int = 256             # learned positions (gpt2); rotary positions have no limit
+  style: str = 'gpt2'            # 'gpt2' | 'llama'
+  tie_embeddings: bool | None = None  # None: tied for gpt2, untied for llama
+  norm_eps: float = 1e-5
+  rope_theta: float = 10000.0
+  dropout: float = 0.0           # residual and embedding dropout (InstructGPT SFT: 0.2)
+  dtype: str = 'float32'         # compute dtype ('bfloat16' on accelerators)
+  param_dtype: str = 'float32'
+  remat: str = 'none'            # 'none' | 'full' | 'dots' (keep matmul outputs, recompute the rest)
+  init_std: float = 0.02
+  lm_head: bool = True           # logits over the vocabulary
+  scalar_head: bool = False      # one scalar per position (reward / value models)
+
+  def __post_init__(self):
+    if self.style not in ('gpt2', 'llama'):
+      raise ValueError(f"model.style must be 'gpt2' or 'llama', got {self.style!r}")
+    if self.d_model % self.n_head:
+      raise ValueError(f'model.d_model={self.d_model} is not divisible by model.n_head={self.n_head}')
+    if self.n_head % self.kv_heads:
+      raise ValueError(f'model.n_head={self.n_head} is not divisible by model.n_kv_head={self.n_kv_head}')
+    if self.remat not in ('none', 'full', 'dots'):
+      raise ValueError(f"model.remat must be 'none', 'full' or 'dots', got {self.remat!r}")
+    if self.style == 'llama' and (self.d_model // self.n_head) % 2:
+      raise ValueError('rotary positions need an even head dimension (model.d_model / model.n_head)')
+    if not (self.lm_head or self.scalar_head):
+      raise ValueError('model.lm_head and model.scalar_head are both False: the model has no output')
+
+  @property
+  def kv_heads(self) -> int:
+    return self.n_kv_head or self.n_head
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.n_head
+
+  @property
+  def tied(self) -> bool:
+    return self.style == 'gpt2' if self.tie_embeddings is None else self.tie_embeddings
+
+  @property
+  def use_bias(self) -> bool:
+    return self.style == 'gpt2'
+
+  @classmethod
+  def from_dict(cls, d) -> 'ModelConfig':
+    """From a mapping (e.g. an ml_collections `config.model`); unknown keys fail by name."""
+    d = dict(d)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise ValueError(f'unknown model config key(s) {unknown}; valid keys: {sorted(known)}')
+    return cls(**d)
+
+  def replace(self, **kw) -> 'ModelConfig':
+    return dataclasses.replace(self, **kw)
+
+
+def _param(module, name, names, shape, init, dtype):
+  return module.param(name, nn.with_logical_partitioning(init, names), shape, dtype)
+
+
+def _constrain(x, names):
+  return nn.with_logical_constraint(x, names)
+
+
+class Norm(nn.Module):
+  """LayerNorm (gpt2) or RMSNorm (llama), computed in float32."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.cfg
+    pdt = jnp.dtype(cfg.param_dtype)
+    scale = _param(self, 'scale', ('embed',), (cfg.d_model,), nn.initializers.ones, pdt)
+    x32 = x.astype(jnp.float32)
+    if cfg.style == 'gpt2':
+      bias = _param(self, 'bias', ('embed',), (cfg.d_model,), nn.initializers.zeros, pdt)
+      mean = x32.mean(-1, keepdims=True)
+      var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+      y = (x32 - mean) * jax.lax.rsqrt(var + cfg.norm_eps) * scale + bias
+    else:
+      y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + cfg.norm_eps) * scale
+    return y.astype(cfg.dtype)
+
+
+def rotary(x, positions, theta):
+  """Rotary embedding (rotate-half convention) of x [B, T, ..., Dh] at positions [B, T]."""
+  half = x.shape[-1] // 2
+  freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)            # [Dh/2]
+  angles = positions.astype(jnp.float32)[..., None] * freqs                # [B, T, Dh/2]
+  angles = angles.reshape(angles.shape[:2] + (1,) * (x.ndim - 3) + (half,))
+  sin, cos = jnp.sin(angles), jnp.cos(angles)
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
+
+
+class Attention(nn.Module):
+  """Causal self-attention with grouped-query heads and an optional KV cache."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, positions, key_mask, query_slots, cache):
+    cfg = self.cfg
+    dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    D, H, Hkv, Dh = cfg.d_model, cfg.n_head, cfg.kv_heads, cfg.head_dim
+    G = H // Hkv
+    init = nn.initializers.normal(cfg.init_std)
+    # One projection for Q, K and V: for each KV head, its G query heads then K then V. One
+    # matmul for MHA and GQA alike, and sharding the KV-head axis keeps each group on one shard.
+    w = _param(self, 'qkv', ('embed', 'heads', None, 'kv'), (D, Hkv, G + 2, Dh), init, pdt)
+    qkv = jnp.einsum('btd,dhgk->bthgk', x, w.astype(dt))                   # [B, T, Hkv, G+2, Dh]
+    if cfg.use_bias:
+      qkv += _param(self, 'qkv_bias', ('heads', None, 'kv'), (Hkv, G + 2, Dh),
+                    nn.initializers.zeros, pdt).astype(dt)
+    q, k, v = qkv[:, :, :, :G], qkv[:, :, :, G], qkv[:, :, :, G + 1]       # [B,T,Hkv,G,Dh], [B,T,Hkv,Dh]
+    if cfg.style == 'llama':
+      q, k = rotary(q, positions, cfg.rope_theta), rotary(k, positions, cfg.rope_theta)
+    k = _constrain(k, ('batch', 'length', 'heads', 'kv'))
+    v = _constrain(v, ('batch', 'length', 'heads', 'kv'))
+    new_cache = None
+    if cache is not None:  # write the new keys/values at the cache index, attend to all slots
+      start = (0, cache['index'], 0, 0)
+      k = jax.lax.dynamic_update_slice(cache['k'], k.astype(cache['k'].dtype), start)  # [B, S, Hkv, Dh]
+      v = jax.lax.dynamic_update_slice(cache['v'], v.astype(cache['v'].dtype), start)
+      new_cache = {'k': k, 'v': v}
+      k, v = k.astype(dt), v.astype(dt)
+    S = k.shape[1]
+    logits = jnp.einsum('bthgk,bshk->bhgts', q, k, preferred_element_type=jnp.float32)  # [B,Hkv,G,T,S]
+    logits *= Dh ** -0.5
+    visible = (jnp.arange(S) <= query_slots[..., None]) & key_mask[:, None, :].astype(bool)  # [B, T, S]
+    logits = jnp.where(visible[:, None, None], logits, _NEG)
+    probs = jax.nn.softmax(logits, axis=-1).astype(dt)
+    out = jnp.einsum('bhgts,bshk->bthgk', probs, v).reshape(x.shape[:2] + (H, Dh))  # [B, T, H, Dh]
+    out = _constrain(out, ('batch', 'length', 'heads', 'kv'))
+    wo_init = nn.initializers.normal(cfg.init_std / (2 * cfg.n_layer) ** 0.5)
+    wo = _param(self, 'out', ('heads', 'kv', 'embed'), (H, Dh, D), wo_init, pdt)
+    y = jnp.einsum('bthk,hkd->btd', out, wo.astype(dt))                   # [B, T, D]
+    if cfg.use_bias:
+      y += _param(self, 'out_bias', ('embed',), (D,), nn.initializers.zeros, pdt).astype(dt)
+    return y, new_cache
+
+
+class Mlp(nn.Module):
+  """tanh-GELU MLP (gpt2) or SwiGLU (llama)."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.cfg
+    dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    D, F = cfg.d_model, cfg.d_ff
+    init = nn.initializers.normal(cfg.init_std)
+    if cfg.style == 'gpt2':
+      wi = _param(self, 'wi', ('embed', 'mlp'), (D, F), init, pdt)
+      h = x @ wi.astype(dt) + _param(self, 'wi_bias', ('mlp',), (F,), nn.initializers.zeros, pdt).astype(dt)
+      h = jax.nn.gelu(h, approximate=True)                                 # [B, T, F]
+    else:
+      wi = _param(self, 'wi', ('embed', None, 'mlp'), (D, 2, F), init, pdt)
+      gu = jnp.einsum('btd,dcf->btcf', x, wi.astype(dt))                   # [B, T, 2, F]
+      h = jax.nn.silu(gu[:, :, 0]) * gu[:, :, 1]                           # [B, T, F]
+    h = _constrain(h, ('batch', 'length', 'mlp'))
+    wo_init = nn.initializers.normal(cfg.init_std / (2 * cfg.n_layer) ** 0.5)
+    y = h @ _param(self, 'wo', ('mlp', 'embed'), (F, D), wo_init, pdt).astype(dt)  # [B, T, D]
+    if cfg.use_bias:
+      y += _param(self, 'wo_bias', ('embed',), (D,), nn.initializers.zeros, pdt).astype(dt)
+    return y
+
+
+class Block(nn.Module):
+  """Pre-norm residual block: x += Attn(Norm(x)); x += Mlp(Norm(x)), with residual dropout."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, positions, key_mask, query_slots, cache, train):
+    drop = nn.Dropout(self.cfg.dropout, deterministic=not train)
+    a, new_cache = Attention(self.cfg, name='attn')(Norm(self.cfg, name='norm1')(x), positions,
+                                                     key_mask, query_slots, cache)
+    x = _constrain(x + drop(a), ('batch', 'length', 'embed'))
+    x = x + drop(Mlp(self.cfg, name='mlp')(Norm(self.cfg, name='norm2')(x)))
+    return _constrain(x, ('batch', 'length', 'embed')), new_cache
+
+
+def default_positions(mask):
+  """Position ids of a padded batch: the count of real tokens before each one (0 on padding)."""
+  return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+class Transformer(nn.Module):
+  """The LM. `__call__` is the full forward; `trunk`, `logits` and `score` let callers read heads
+  only where they need them (the last prompt position when sampling, the last real token of a
+  reward model)."""
+  cfg: ModelConfig
+
+  def setup(self):
+    cfg = self.cfg
+    pdt = jnp.dtype(cfg.param_dtype)
+    init = nn.initializers.normal(cfg.init_std)
+    self.embedding = _param(self, 'embedding', ('vocab', 'embed'), (cfg.vocab_size, cfg.d_model), init, pdt)
+    if cfg.style == 'gpt2':
+      self.pos_embedding = _param(self, 'pos_embedding', (None, 'embed'), (cfg.max_len, cfg.d_model),
+                                  nn.initializers.normal(0.01), pdt)
+    block = Block
+    if cfg.remat != 'none':
+      policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable if cfg.remat == 'dots'
+                else jax.checkpoint_policies.nothing_saveable)
+      block = nn.remat(Block, policy=policy, static_argnums=(6,))  # arg 6 (counting self) = train
+    self.blocks = [block(cfg, name=f'block_{i}') for i in range(cfg.n_layer)]
+    self.final_norm = Norm(cfg)
+    if cfg.lm_head and not cfg.tied:
+      self.lm_head = _param(self, 'lm_head', ('embed', 'vocab'), (cfg.d_model, cfg.vocab_size), init, pdt)
+    if cfg.scalar_head:
+      self.score_head = _param(self, 'score_head', ('embed',), (cfg.d_model,),
+                               nn.initializers.normal(1 / (cfg.d_model + 1) ** 0.5), pdt)
+    self.dropout = nn.Dropout(cfg.dropout)
+
+  def trunk(self, tokens, positions=None, mask=None, *, cache=None, train=False):
+    """Final-norm hidden states h [B, T, D] and the updated cache (None without one).
+
+    tokens, positions, mask: [B, T]. mask 1 marks a real token; positions default to the count of
+    real tokens before each token. With a cache (see `init_cache`) the T tokens go to slots
+    cache['index'] .. cache['index'] + T - 1.
+    """
+    cfg = self.cfg
+    B, T = tokens.shape
+    mask = jnp.ones((B, T), jnp.int32) if mask is None else mask.astype(jnp.int32)
+    positions = default_positions(mask) if positions is None else positions
+    x = jnp.take(self.embedding, tokens, axis=0).astype(cfg.dtype)          # [B, T, D]
+    if cfg.style == 'gpt2':
+      x += jnp.take(self.pos_embedding, positions, axis=0).astype(cfg.dtype)
+    x = _constrain(self.dropout(x, deterministic=not train), ('batch', 'length', 'embed'))
+    if cache is None:
+      key_mask, slots, layer_caches = mask, jnp.broadcast_to(jnp.arange(T), (B, T)), [None] * cfg.n_layer
+    else:
+      idx = cache['index']
+      key_mask = jax.lax.dynamic_update_slice(cache['mask'], mask, (0, idx))  # [B, S]
+      slots = jnp.broadcast_to(idx + jnp.arange(T), (B, T))
+      layer_caches = [dict(layer, index=idx) for layer in cache['layers']]
+    new_layers = []
+    for block, layer_cache in zip(self.blocks, layer_caches):
+      x, new_layer = block(x, positions, key_mask, slots, layer_cache, train)
+      new_layers.append(new_layer)
+    h = self.final_norm(x)
+    new_cache = None if cache is None else {'index': cache['index'] + T, 'mask': key_mask,
+                                            'layers': new_layers}
+    return h, new_cache
+
+  def logits(self, h):
+    """Float32 logits [..., V] from hidden states [..., D]."""
+    dt = self.cfg.dtype
+    if self.cfg.tied:
+      out = jnp.einsum('...d,vd->...v', h, self.embedding.astype(dt), preferred_element_type=jnp.float32)
+    else:
+      out = jnp.einsum('...d,dv->...v', h, self.lm_head.astype(dt), preferred_element_type=jnp.float32)
+    return _constrain(out, ('batch', 'length', 'vocab')) if out.ndim == 3 else out
+
+  def score(self, h):
+    """Float32 scalar per position [...] from hidden states [..., D] (reward / value head)."""
+    return jnp.einsum('...d,d->...', h.astype(jnp.float32), self.score_head.astype(jnp.float32))
+
+  def __call__(self, tokens, positions=None, mask=None, *, train=False):
+    """Full forward: {'logits': [B, T, V]} and/or {'scores': [B, T]}, as the config asks."""
+    h, _ = self.trunk(tokens, positions, mask, train=train)
+    out = {}
+    if self.cfg.lm_head:
+      out['logits'] = self.logits(h)
+    if self.cfg.scalar_head:
+      out['scores'] = self.score(h)
+    return out
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: Any = None) -> dict:
+  """An empty KV cache of `length` slots: per layer K and V [B, S, Hkv, Dh], the real-slot mask
+  [B, S] and the next write index."""
+  dtype = jnp.dtype(dtype or cfg.dtype)
+  shape = (batch, length, cfg.kv_heads, cfg.head_dim)
+  layer = lambda: {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)}  # noqa: E731
+  return {'index': jnp.zeros((), jnp.int32), 'mask': jnp.zeros((batch, length), jnp.int32),
+          'layers': [layer() for _ in range(cfg.n_layer)]}
+
+
+def count_params(params) -> int:
+  return sum(x.size for x in jax.tree.leaves(params))

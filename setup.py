@@ -1,0 +1,31 @@
+"""rlhf_jax: the InstructGPT recipe (SFT, K-way reward model, PPO/PPO-ptx) in JAX."""
+from setuptools import find_packages, setup
+
+setup(
+    name='rlhf_jax',
+    version='0.1.0',
+    description='InstructGPT-style RLHF (SFT, reward model, PPO, PPO-ptx) in JAX',
+    long_description=open('README.md').read(),
+    long_description_content_type='text/markdown',
+    python_requires='>=3.11',
+    packages=find_packages(include=['rlhf_jax', 'rlhf_jax.*']),
+    install_requires=[
+        'jax>=0.7',
+        'flax>=0.10',
+        'optax>=0.2',
+        'orbax-checkpoint>=0.11',
+        'tensorflow-datasets>=4.9',  # builders read as array_record; TensorFlow is not needed
+        'array-record>=0.5',
+        'grain>=0.2',
+        'ml-collections>=1.0',
+        'numpy>=1.26',
+        'regex>=2023.0',           # GPT-2 pre-tokenisation (\p{L}, \p{N})
+        'tokenizers>=0.15',        # Hugging Face tokenizer.json
+        'sentencepiece>=0.2',
+        'safetensors>=0.4',
+        'tqdm>=4.0',
+    ],
+    extras_require={
+        'test': ['pytest>=8', 'pytest-xdist>=3'],
+    },
+)
