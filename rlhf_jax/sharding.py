@@ -114,10 +114,10 @@ def rules_context(mesh: Mesh, rules=RULES):
 
 
 def under_rules(fn: Callable, mesh: Mesh, rules=RULES) -> Callable:
-  """`fn` traced inside `rules_context`, so `jax.jit(under_rules(fn, mesh), ...)` applies the
-  activation shardings wherever and whenever it is first called."""
+  """`fn` with the rules and the (abstract) mesh in force while it is traced, so that
+  `jax.jit(under_rules(fn, mesh), ...)` applies the activation shardings wherever it is called."""
   @functools.wraps(fn)
   def wrapped(*args, **kwargs):
-    with rules_context(mesh, rules):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
       return fn(*args, **kwargs)
   return wrapped

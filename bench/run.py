@@ -1,0 +1,308 @@
+#!/usr/bin/env python
+"""rlhf_jax on the fixed benchmark workloads (WORKLOAD.md; numbers in workload.json).
+
+Prints one JSON line per result on stdout (the first is ENV), progress on stderr:
+    python bench/run.py [--workload GEN ...] [--tag run1] [--spec path/to/workload.json]
+
+Workloads are the functions in WORKLOADS (name -> fn(ctx)); each prints its own result lines.
+"""
+from __future__ import annotations
+
+import os
+
+THREAD_VARS = ('OMP_NUM_THREADS', 'MKL_NUM_THREADS', 'OPENBLAS_NUM_THREADS')
+for _v in THREAD_VARS:
+  os.environ.setdefault(_v, '2')
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import datetime  # noqa: E402
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Callable  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+DEFAULT_SPEC = Path(__file__).resolve().parents[1].parent / 'shared/bench/workload.json'
+IMPL = 'rlhf_jax'
+
+
+def log(*msg):
+  print('[bench]', *msg, file=sys.stderr, flush=True)
+
+
+@dataclasses.dataclass
+class Ctx:
+  """What every workload needs: the parsed spec, its hash, the run tag and the MFU peak."""
+  spec: dict
+  spec_sha: str
+  tag: str
+  peak_gflops: float = float('nan')  # best single matmul rate of this run (NaN until PEAK runs)
+
+  def emit(self, workload: str, metric: str, value: float, times=None, **extra):
+    rec = {'impl': IMPL, 'tag': self.tag, 'workload': workload, 'metric': metric, 'value': _round(value)}
+    if times:
+      rec['median_s'] = round(statistics.median(times), 5)
+      rec['times_s'] = [round(t, 5) for t in times]
+    rec.update({k: _round(v) for k, v in extra.items()})
+    print(json.dumps(rec), flush=True)
+
+  def mfu(self, rate: float, flops_per_token: float) -> float:
+    return rate * flops_per_token / (self.peak_gflops * 1e9)
+
+
+def _round(v):
+  return round(v, 4) if isinstance(v, float) else v
+
+
+# ---------------------------------------------------------------------------------------------
+# Model M and FLOP counts
+
+
+def model_config(spec):
+  from rlhf_jax.model import ModelConfig
+  m = spec['model']
+  if m['arch'] != 'gpt2' or m['activation'] != 'gelu_tanh' or not m['tied_embeddings']:
+    raise ValueError(f'spec model {m} is not the gpt2 / tanh-GELU / tied model this harness builds')
+  return ModelConfig(vocab_size=m['vocab'], d_model=m['d_model'], n_layer=m['n_layer'], n_head=m['n_head'],
+                     d_ff=m['mlp_ratio'] * m['d_model'], max_len=m['n_ctx'], style='gpt2',
+                     norm_eps=m['layer_norm_eps'], dropout=m['dropout'], init_std=m['init_std'],
+                     dtype=spec['dtype'], param_dtype=spec['dtype'])
+
+
+def non_embedding_params(spec) -> int:
+  m = spec['model']
+  d, n_layer = m['d_model'], m['n_layer']
+  return n_layer * (12 * d * d + 13 * d) + 2 * d
+
+
+def fwd_flops_per_token(spec, n_ctx: int, head: bool = False) -> int:
+  """Kaplan et al. 2020: C_fwd = 2N + 2 n_layer n_ctx d_model; head adds the tied LM head 2 d V."""
+  m = spec['model']
+  return (2 * non_embedding_params(spec) + 2 * m['n_layer'] * n_ctx * m['d_model']
+          + (2 * m['d_model'] * m['vocab'] if head else 0))
+
+
+def init_params(model, seed: int):
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  tokens = jnp.zeros((1, 4), jnp.int32)
+  return jax.jit(lambda k: nn.meta.unbox(model.init(k, tokens)))(jax.random.key(seed))['params']
+
+
+def uniform_tokens(spec, rng: np.random.Generator, *shape):
+  return rng.integers(0, spec['model']['vocab'], size=shape, dtype=np.int32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+
+
+def time_calls(fn: Callable[[int], Any], warmup: int, repeats: int, first: int = 0):
+  """Seconds of each of `repeats` timed calls fn(i), after `warmup` untimed ones. fn(i) must block
+  on its results. Returns (times, seconds of the first untimed call or None)."""
+  first_s = None
+  for i in range(warmup):
+    t = time.perf_counter()
+    fn(first + i)
+    if first_s is None:
+      first_s = time.perf_counter() - t
+  times = []
+  for i in range(repeats):
+    t = time.perf_counter()
+    fn(first + warmup + i)
+    times.append(time.perf_counter() - t)
+  return times, first_s
+
+
+# ---------------------------------------------------------------------------------------------
+# Workloads
+
+
+def run_peak(ctx: Ctx):
+  import jax
+  import jax.numpy as jnp
+  c = ctx.spec['peak']
+  n = c['matmul_n']
+  flop = 2 * n ** 3
+  rng = np.random.default_rng(0)
+  a, b = (rng.standard_normal((n, n), dtype=np.float32) for _ in range(2))
+  ja, jb = jax.device_put(a), jax.device_put(b)
+  matmul = jax.jit(jnp.matmul)
+  best = 0.0
+  for name, fn in (('PEAK_NUMPY', lambda i: a @ b),
+                   ('PEAK_JAX', lambda i: matmul(ja, jb).block_until_ready())):
+    log(f'{name}: {c["warmup"]} warm-up + {c["repeats"]} repeats of a {n}x{n} matmul')
+    ts, _ = time_calls(fn, c['warmup'], c['repeats'])
+    best_rate = flop / min(ts) / 1e9
+    ctx.emit(name, 'gflops', flop / statistics.median(ts) / 1e9, ts, n=n, best_gflops=best_rate)
+    best = max(best, best_rate)
+  ctx.peak_gflops = best
+
+
+def _gen_setup(ctx: Ctx):
+  import jax
+  import jax.numpy as jnp
+  from rlhf_jax.model import Transformer
+  g = ctx.spec['gen']
+  model = Transformer(model_config(ctx.spec))
+  params = init_params(model, ctx.spec['seeds']['policy'])
+  rng = np.random.default_rng(ctx.spec['seeds']['data'])
+  prompts = jnp.asarray(uniform_tokens(ctx.spec, rng, g['prompts'], g['prompt_len']))
+  mask = jnp.ones_like(prompts)
+  base = jax.random.key(ctx.spec['seeds']['sample'])
+  # Per-call keys are made ahead of time so that no key derivation sits inside a timed call.
+  n_calls = g['warmup'] + max(g['repeats'], g['nocache_repeats']) + 1
+  keys = [jax.block_until_ready(jax.random.fold_in(base, i)) for i in range(n_calls)]
+  return model, params, prompts, mask, keys
+
+
+def _emit_gen(ctx: Ctx, name: str, ts, **extra):
+  g = ctx.spec['gen']
+  n_ctx = g['prompt_len'] + g['new_tokens']
+  rate = g['prompts'] * g['new_tokens'] / statistics.median(ts)
+  ctx.emit(name, 'new_tokens_per_s', rate, ts, mfu=ctx.mfu(rate, fwd_flops_per_token(ctx.spec, n_ctx)),
+           mfu_with_head=ctx.mfu(rate, fwd_flops_per_token(ctx.spec, n_ctx, head=True)), **extra)
+
+
+def _check_gen(out, g):
+  shape = (g['prompts'], g['new_tokens'])
+  if out['tokens'].shape != shape or int(out['mask'].sum()) != shape[0] * shape[1]:
+    raise RuntimeError(f'generate returned {out["tokens"].shape}, {int(out["mask"].sum())} real tokens')
+
+
+def run_gen(ctx: Ctx):
+  import jax
+  from rlhf_jax.sampling import SampleConfig, make_generate
+  g = ctx.spec['gen']
+  model, params, prompts, mask, keys = _gen_setup(ctx)
+  scfg = SampleConfig(max_new_tokens=g['new_tokens'], temperature=g['temperature'], top_k=g['top_k'],
+                      top_p=g['top_p'], eos_id=None)
+  gen = make_generate(model, scfg)
+  log(f'GEN: {g["warmup"]} warm-up + {g["repeats"]} repeats, {g["prompts"]} x ({g["prompt_len"]} + '
+      f'{g["new_tokens"]}) tokens')
+  ts, compile_s = time_calls(lambda i: jax.block_until_ready(gen(params, prompts, mask, keys[i])),
+                             g['warmup'], g['repeats'])
+  _check_gen(gen(params, prompts, mask, keys[-1]), g)
+  _emit_gen(ctx, 'GEN', ts, compile_s=compile_s)
+
+
+def make_generate_nocache(model, scfg, prompt_len: int):
+  """Sampling without a KV cache: every step runs the full forward over a fixed [B, P + N] buffer
+  (slots past the current length hold placeholder tokens that the causal mask hides from earlier
+  slots) and samples from the slot of the last real token."""
+  import jax
+  import jax.numpy as jnp
+  from rlhf_jax.sampling import sample_logits
+  N = scfg.max_new_tokens
+
+  def generate(params, prompts, key):
+    B = prompts.shape[0]
+    buf = jnp.zeros((B, prompt_len + N), jnp.int32).at[:, :prompt_len].set(prompts)
+    keys = jax.random.split(key, N)
+
+    def step(i, carry):
+      buf, logps = carry
+      h, _ = model.apply({'params': params}, buf, method='trunk')
+      last = jax.lax.dynamic_index_in_dim(h, prompt_len - 1 + i, axis=1, keepdims=False)  # [B, D]
+      tok, logp = sample_logits(model.apply({'params': params}, last, method='logits'), keys[i], scfg)
+      buf = jax.lax.dynamic_update_index_in_dim(buf, tok.astype(jnp.int32), prompt_len + i, axis=1)
+      return buf, logps.at[:, i].set(logp)
+
+    buf, logps = jax.lax.fori_loop(0, N, step, (buf, jnp.zeros((B, N), jnp.float32)))
+    return {'tokens': buf[:, prompt_len:], 'logprobs': logps, 'mask': jnp.ones((B, N), jnp.int32)}
+
+  return jax.jit(generate)
+
+
+def run_gen_nocache(ctx: Ctx):
+  import jax
+  from rlhf_jax.sampling import SampleConfig
+  g = ctx.spec['gen']
+  model, params, prompts, _, keys = _gen_setup(ctx)
+  scfg = SampleConfig(max_new_tokens=g['new_tokens'], temperature=g['temperature'], top_k=g['top_k'],
+                      top_p=g['top_p'], eos_id=None)
+  gen = make_generate_nocache(model, scfg, g['prompt_len'])
+  log(f'GEN_NOCACHE: 1 untimed compile call + {g["nocache_repeats"]} repeats')
+  ts, compile_s = time_calls(lambda i: jax.block_until_ready(gen(params, prompts, keys[i])),
+                             1, g['nocache_repeats'])
+  _check_gen(gen(params, prompts, keys[-1]), g)
+  L = g['prompt_len'] + g['new_tokens']
+  _emit_gen(ctx, 'GEN_NOCACHE', ts, compile_s=compile_s,
+            note=f'each step runs a full {L}-token forward over a fixed [B, {L}] buffer '
+                 f'(the peer recomputes {g["prompt_len"]}..{L - 1} tokens)')
+
+
+WORKLOADS: dict[str, Callable[[Ctx], None]] = {
+    'PEAK': run_peak,
+    'GEN': run_gen,
+    'GEN_NOCACHE': run_gen_nocache,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# ENV and main
+
+
+def cpu_name() -> str:
+  try:
+    first = open('/proc/cpuinfo').read().split('\n\n')[0]
+  except OSError:
+    return platform.processor() or 'unknown'
+  info = {k.strip(): v.strip() for k, v in (ln.split(':', 1) for ln in first.splitlines() if ':' in ln)}
+  return f"{info.get('model name')} (family {info.get('cpu family')}, model {info.get('model')})"
+
+
+def env_record(ctx: Ctx):
+  import flax
+  import jax
+  import jaxlib
+  devices = jax.devices()
+  ctx.emit('ENV', 'info', 0.0,
+           date=datetime.datetime.now().astimezone().isoformat(timespec='seconds'),
+           cpu=cpu_name(), nproc=os.cpu_count(), threads=ctx.spec['threads'],
+           threads_note=('XLA CPU default thread pool (one thread per available core); '
+                         + ', '.join(f'{v}={os.environ.get(v)}' for v in THREAD_VARS) + ' for numpy'),
+           affinity_cpus=len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else None,
+           python=platform.python_version(), jax=jax.__version__, jaxlib=jaxlib.__version__,
+           flax=flax.__version__, numpy=np.__version__, backend=jax.default_backend(),
+           devices=f'{len(devices)} x {devices[0].device_kind}', xla_flags=os.environ.get('XLA_FLAGS', ''),
+           spec_sha=ctx.spec_sha)
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('--workload', nargs='+', action='extend', default=None, metavar='NAME',
+                 help=f'workloads to run (default: all): {", ".join(WORKLOADS)}')
+  p.add_argument('--tag', default='')
+  p.add_argument('--spec', type=Path, default=DEFAULT_SPEC)
+  args = p.parse_args(argv)
+  names = [n.upper() for n in (args.workload or list(WORKLOADS))]
+  unknown = [n for n in names if n not in WORKLOADS]
+  if unknown:
+    p.error(f'unknown workload(s) {unknown}; valid: {", ".join(WORKLOADS)}')
+  args.workload = [n for n in WORKLOADS if n in names]  # table order: PEAK (the MFU peak) first
+  return args
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  raw = args.spec.read_bytes()
+  ctx = Ctx(spec=json.loads(raw), spec_sha=hashlib.sha256(raw).hexdigest()[:12], tag=args.tag)
+  env_record(ctx)
+  if 'PEAK' not in args.workload:
+    log('PEAK not run: MFU fields will be NaN')
+  for name in args.workload:
+    t = time.perf_counter()
+    WORKLOADS[name](ctx)
+    log(f'{name} done in {time.perf_counter() - t:.1f} s')
+
+
+if __name__ == '__main__':
+  main()
