@@ -104,21 +104,25 @@ def uniform_tokens(spec, rng: np.random.Generator, *shape):
 # Timing
 
 
-def time_calls(fn: Callable[[int], Any], warmup: int, repeats: int, first: int = 0):
-  """Seconds of each of `repeats` timed calls fn(i), after `warmup` untimed ones. fn(i) must block
-  on its results. Returns (times, seconds of the first untimed call or None)."""
-  first_s = None
+def time_calls(fn: Callable[[int], Any], warmup: int, repeats: int):
+  """Seconds of each of `repeats` timed calls fn(i), after `warmup` untimed ones; i counts all calls.
+  fn(i) must block on its results. Returns (times, the last call's result)."""
+  out = None
   for i in range(warmup):
-    t = time.perf_counter()
-    fn(first + i)
-    if first_s is None:
-      first_s = time.perf_counter() - t
+    out = fn(i)
   times = []
-  for i in range(repeats):
+  for i in range(warmup, warmup + repeats):
     t = time.perf_counter()
-    fn(first + warmup + i)
+    out = fn(i)
     times.append(time.perf_counter() - t)
-  return times, first_s
+  return times, out
+
+
+def compile_timed(jitted, *args):
+  """Ahead-of-time compile `jitted` for `args`: (the compiled executable, seconds to lower + compile)."""
+  t = time.perf_counter()
+  compiled = jitted.lower(*args).compile()
+  return compiled, time.perf_counter() - t
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,7 +162,7 @@ def _gen_setup(ctx: Ctx):
   mask = jnp.ones_like(prompts)
   base = jax.random.key(ctx.spec['seeds']['sample'])
   # Per-call keys are made ahead of time so that no key derivation sits inside a timed call.
-  n_calls = g['warmup'] + max(g['repeats'], g['nocache_repeats']) + 1
+  n_calls = g['warmup'] + max(g['repeats'], g['nocache_repeats'])
   keys = [jax.block_until_ready(jax.random.fold_in(base, i)) for i in range(n_calls)]
   return model, params, prompts, mask, keys
 
@@ -184,12 +188,12 @@ def run_gen(ctx: Ctx):
   model, params, prompts, mask, keys = _gen_setup(ctx)
   scfg = SampleConfig(max_new_tokens=g['new_tokens'], temperature=g['temperature'], top_k=g['top_k'],
                       top_p=g['top_p'], eos_id=None)
-  gen = make_generate(model, scfg)
-  log(f'GEN: {g["warmup"]} warm-up + {g["repeats"]} repeats, {g["prompts"]} x ({g["prompt_len"]} + '
-      f'{g["new_tokens"]}) tokens')
-  ts, compile_s = time_calls(lambda i: jax.block_until_ready(gen(params, prompts, mask, keys[i])),
-                             g['warmup'], g['repeats'])
-  _check_gen(gen(params, prompts, mask, keys[-1]), g)
+  gen, compile_s = compile_timed(make_generate(model, scfg), params, prompts, mask, keys[0])
+  log(f'GEN: compiled in {compile_s:.1f} s; {g["warmup"]} warm-up + {g["repeats"]} repeats, '
+      f'{g["prompts"]} x ({g["prompt_len"]} + {g["new_tokens"]}) tokens')
+  ts, out = time_calls(lambda i: jax.block_until_ready(gen(params, prompts, mask, keys[i])),
+                       g['warmup'], g['repeats'])
+  _check_gen(out, g)
   _emit_gen(ctx, 'GEN', ts, compile_s=compile_s)
 
 
@@ -228,11 +232,12 @@ def run_gen_nocache(ctx: Ctx):
   model, params, prompts, _, keys = _gen_setup(ctx)
   scfg = SampleConfig(max_new_tokens=g['new_tokens'], temperature=g['temperature'], top_k=g['top_k'],
                       top_p=g['top_p'], eos_id=None)
-  gen = make_generate_nocache(model, scfg, g['prompt_len'])
-  log(f'GEN_NOCACHE: 1 untimed compile call + {g["nocache_repeats"]} repeats')
-  ts, compile_s = time_calls(lambda i: jax.block_until_ready(gen(params, prompts, keys[i])),
-                             1, g['nocache_repeats'])
-  _check_gen(gen(params, prompts, keys[-1]), g)
+  gen, compile_s = compile_timed(make_generate_nocache(model, scfg, g['prompt_len']),
+                                 params, prompts, keys[0])
+  log(f'GEN_NOCACHE: compiled in {compile_s:.1f} s; {g["nocache_repeats"]} repeats, no warm-up run')
+  ts, out = time_calls(lambda i: jax.block_until_ready(gen(params, prompts, keys[i])),
+                       0, g['nocache_repeats'])
+  _check_gen(out, g)
   L = g['prompt_len'] + g['new_tokens']
   _emit_gen(ctx, 'GEN_NOCACHE', ts, compile_s=compile_s,
             note=f'each step runs a full {L}-token forward over a fixed [B, {L}] buffer '

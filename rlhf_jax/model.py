@@ -135,7 +135,10 @@ class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, positions, key_mask, query_slots, cache):
+  def __call__(self, x, positions, key_mask, query_slots, cache, read_at=None):
+    """Returns the output [B, T, D] and this layer's K/V [B, Hkv, S, Dh]: the updated cache, or
+    without a cache the T new tokens' keys and values. With read_at [B], queries (and so the
+    output, [B, 1, D]) are computed only at that position of each row; keys/values at all."""
     cfg = self.cfg
     dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     D, H, Hkv, Dh = cfg.d_model, cfg.n_head, cfg.kv_heads, cfg.head_dim
@@ -151,29 +154,33 @@ class Attention(nn.Module):
     q, k, v = qkv[:, :, :, :G], qkv[:, :, :, G], qkv[:, :, :, G + 1]       # [B,T,Hkv,G,Dh], [B,T,Hkv,Dh]
     if cfg.style == 'llama':
       q, k = rotary(q, positions, cfg.rope_theta), rotary(k, positions, cfg.rope_theta)
-    k = _constrain(k, ('batch', 'length', 'heads', 'kv'))
-    v = _constrain(v, ('batch', 'length', 'heads', 'kv'))
-    new_cache = None
+    # K and V live as [B, Hkv, S, Dh], the layout the attention dots read: a decode step then
+    # reads the cache in place instead of copying it into a transposed layout every step.
+    k = _constrain(jnp.swapaxes(k, 1, 2), ('batch', 'heads', 'length', 'kv'))  # [B, Hkv, T, Dh]
+    v = _constrain(jnp.swapaxes(v, 1, 2), ('batch', 'heads', 'length', 'kv'))
     if cache is not None:  # write the new keys/values at the cache index, attend to all slots
-      start = (0, cache['index'], 0, 0)
-      k = jax.lax.dynamic_update_slice(cache['k'], k.astype(cache['k'].dtype), start)  # [B, S, Hkv, Dh]
+      start = (0, 0, cache['index'], 0)
+      k = jax.lax.dynamic_update_slice(cache['k'], k.astype(cache['k'].dtype), start)  # [B, Hkv, S, Dh]
       v = jax.lax.dynamic_update_slice(cache['v'], v.astype(cache['v'].dtype), start)
-      new_cache = {'k': k, 'v': v}
-      k, v = k.astype(dt), v.astype(dt)
-    S = k.shape[1]
-    logits = jnp.einsum('bthgk,bshk->bhgts', q, k, preferred_element_type=jnp.float32)  # [B,Hkv,G,T,S]
+    kv = {'k': k, 'v': v}
+    k, v = k.astype(dt), v.astype(dt)
+    if read_at is not None:
+      q = jnp.take_along_axis(q, read_at[:, None, None, None, None], axis=1)  # [B, 1, Hkv, G, Dh]
+      query_slots = jnp.take_along_axis(query_slots, read_at[:, None], axis=1)   # [B, 1]
+    S = k.shape[2]
+    logits = jnp.einsum('bthgk,bhsk->bhgts', q, k, preferred_element_type=jnp.float32)  # [B,Hkv,G,T,S]
     logits *= Dh ** -0.5
     visible = (jnp.arange(S) <= query_slots[..., None]) & key_mask[:, None, :].astype(bool)  # [B, T, S]
     logits = jnp.where(visible[:, None, None], logits, _NEG)
     probs = jax.nn.softmax(logits, axis=-1).astype(dt)
-    out = jnp.einsum('bhgts,bshk->bthgk', probs, v).reshape(x.shape[:2] + (H, Dh))  # [B, T, H, Dh]
+    out = jnp.einsum('bhgts,bhsk->bthgk', probs, v).reshape(q.shape[:2] + (H, Dh))  # [B, T, H, Dh]
     out = _constrain(out, ('batch', 'length', 'heads', 'kv'))
     wo_init = nn.initializers.normal(cfg.init_std / (2 * cfg.n_layer) ** 0.5)
     wo = _param(self, 'out', ('heads', 'kv', 'embed'), (H, Dh, D), wo_init, pdt)
     y = jnp.einsum('bthk,hkd->btd', out, wo.astype(dt))                   # [B, T, D]
     if cfg.use_bias:
       y += _param(self, 'out_bias', ('embed',), (D,), nn.initializers.zeros, pdt).astype(dt)
-    return y, new_cache
+    return y, kv
 
 
 class Mlp(nn.Module):
@@ -207,13 +214,15 @@ class Block(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, positions, key_mask, query_slots, cache, train):
+  def __call__(self, x, positions, key_mask, query_slots, cache, train, read_at=None):
     drop = nn.Dropout(self.cfg.dropout, deterministic=not train)
-    a, new_cache = Attention(self.cfg, name='attn')(Norm(self.cfg, name='norm1')(x), positions,
-                                                     key_mask, query_slots, cache)
+    a, kv = Attention(self.cfg, name='attn')(Norm(self.cfg, name='norm1')(x), positions, key_mask,
+                                             query_slots, cache, read_at)
+    if read_at is not None:  # the residual stream continues only at the read positions
+      x = jnp.take_along_axis(x, read_at[:, None, None], axis=1)              # [B, 1, D]
     x = _constrain(x + drop(a), ('batch', 'length', 'embed'))
     x = x + drop(Mlp(self.cfg, name='mlp')(Norm(self.cfg, name='norm2')(x)))
-    return _constrain(x, ('batch', 'length', 'embed')), new_cache
+    return _constrain(x, ('batch', 'length', 'embed')), kv
 
 
 def default_positions(mask):
@@ -249,12 +258,20 @@ class Transformer(nn.Module):
                                nn.initializers.normal(1 / (cfg.d_model + 1) ** 0.5), pdt)
     self.dropout = nn.Dropout(cfg.dropout)
 
-  def trunk(self, tokens, positions=None, mask=None, *, cache=None, train=False):
-    """Final-norm hidden states h [B, T, D] and the updated cache (None without one).
+  def trunk(self, tokens, positions=None, mask=None, *, cache=None, cache_length=None, read_at=None,
+            train=False):
+    """Final-norm hidden states h [B, T, D] and a cache (None unless asked for).
 
     tokens, positions, mask: [B, T]. mask 1 marks a real token; positions default to the count of
     real tokens before each token. With a cache (see `init_cache`) the T tokens go to slots
-    cache['index'] .. cache['index'] + T - 1.
+    cache['index'] .. cache['index'] + T - 1 and attend to every earlier slot. Without one, the
+    tokens attend only to each other; `cache_length` then returns a cache of that many slots
+    holding them (a prefill that never attends over the empty slots).
+
+    read_at [B] (optional): return h [B, D] at that position of each row only. The last block then
+    computes its queries, attention output and MLP there alone (its keys and values still cover
+    every token): the cheap way to read a sampler's last prompt position or a reward model's last
+    real token.
     """
     cfg = self.cfg
     B, T = tokens.shape
@@ -271,14 +288,21 @@ class Transformer(nn.Module):
       key_mask = jax.lax.dynamic_update_slice(cache['mask'], mask, (0, idx))  # [B, S]
       slots = jnp.broadcast_to(idx + jnp.arange(T), (B, T))
       layer_caches = [dict(layer, index=idx) for layer in cache['layers']]
-    new_layers = []
-    for block, layer_cache in zip(self.blocks, layer_caches):
-      x, new_layer = block(x, positions, key_mask, slots, layer_cache, train)
-      new_layers.append(new_layer)
+    kvs = []
+    for i, (block, layer_cache) in enumerate(zip(self.blocks, layer_caches)):
+      last = read_at if i == cfg.n_layer - 1 else None
+      x, kv = block(x, positions, key_mask, slots, layer_cache, train, last)
+      kvs.append(kv)
     h = self.final_norm(x)
-    new_cache = None if cache is None else {'index': cache['index'] + T, 'mask': key_mask,
-                                            'layers': new_layers}
-    return h, new_cache
+    if read_at is not None:
+      h = h[:, 0]                                                                # [B, D]
+    if cache is not None:
+      return h, {'index': cache['index'] + T, 'mask': key_mask, 'layers': kvs}
+    if cache_length is not None:
+      pad = lambda a: jnp.pad(a, [(0, 0)] * 2 + [(0, cache_length - T), (0, 0)])  # noqa: E731
+      return h, {'index': jnp.array(T, jnp.int32), 'mask': jnp.pad(mask, ((0, 0), (0, cache_length - T))),
+                 'layers': [jax.tree.map(pad, kv) for kv in kvs]}
+    return h, None
 
   def logits(self, h):
     """Float32 logits [..., V] from hidden states [..., D]."""
@@ -305,10 +329,10 @@ class Transformer(nn.Module):
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: Any = None) -> dict:
-  """An empty KV cache of `length` slots: per layer K and V [B, S, Hkv, Dh], the real-slot mask
+  """An empty KV cache of `length` slots: per layer K and V [B, Hkv, S, Dh], the real-slot mask
   [B, S] and the next write index."""
   dtype = jnp.dtype(dtype or cfg.dtype)
-  shape = (batch, length, cfg.kv_heads, cfg.head_dim)
+  shape = (batch, cfg.kv_heads, length, cfg.head_dim)
   layer = lambda: {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)}  # noqa: E731
   return {'index': jnp.zeros((), jnp.int32), 'mask': jnp.zeros((batch, length), jnp.int32),
           'layers': [layer() for _ in range(cfg.n_layer)]}

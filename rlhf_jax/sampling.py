@@ -45,6 +45,27 @@ def _filter(scaled, top_k, top_p):
   return scaled
 
 
+def inverse_cdf(weights, u, block: int = 128):
+  """The index i with cdf[i-1] <= u < cdf[i] of unnormalised weights [B, V] >= 0, for u [B] in
+  [0, total). Two levels (block sums, then one block) so that no cumulative sum runs over the
+  whole vocabulary: XLA on CPU lowers cumsum to a reduce-window whose cost grows with its length.
+  """
+  B, V = weights.shape
+  nb = -(-V // block)
+  blocks = jnp.pad(weights, ((0, 0), (0, nb * block - V))).reshape(B, nb, block)  # [B, nb, bs]
+  sums = blocks.sum(-1)                                                             # [B, nb]
+  csum = jnp.cumsum(sums, -1)
+  j = jnp.minimum(jnp.sum(csum <= u[:, None], -1), nb - 1)                          # block [B]
+  before = jnp.take_along_axis(csum - sums, j[:, None], -1)[:, 0]                   # mass before it
+  inner = jnp.take_along_axis(blocks, j[:, None, None], 1)[:, 0]                    # [B, bs]
+  i = jnp.sum(jnp.cumsum(inner, -1) <= (u - before)[:, None], -1)
+  # Rounding can push u - before just outside the block's range: clamp to its first/last
+  # positive weight, so a zero-probability token is never drawn.
+  pos = inner > 0
+  first, last = jnp.argmax(pos, -1), block - 1 - jnp.argmax(pos[:, ::-1], -1)
+  return (j * block + jnp.clip(i, first, last)).astype(jnp.int32)
+
+
 def sample_logits(logits, key, cfg: SampleConfig):
   """Draw one token per row from logits [B, V]. Returns (tokens [B], logprobs [B]).
 
@@ -59,15 +80,14 @@ def sample_logits(logits, key, cfg: SampleConfig):
   scaled = logits / cfg.temperature
   m = jnp.max(scaled, axis=-1, keepdims=True)                                # [B, 1]
   e = jnp.exp(scaled - m)                                                     # [B, V]
-  log_z = jnp.log(jnp.sum(e, axis=-1))                                        # [B]
+  total = jnp.sum(e, axis=-1)                                                 # [B]
+  log_z = jnp.log(total)
   filtered = cfg.top_k or cfg.top_p < 1.0
   if filtered:
     e = jnp.exp(_filter(scaled, cfg.top_k, cfg.top_p) - m)
-  cdf = jnp.cumsum(e, axis=-1)                                                # [B, V]
-  total = cdf[:, -1]
-  # u < total strictly, so the first index with cdf > u exists and has probability > 0.
-  u = jnp.minimum(jax.random.uniform(key, total.shape) * total, jnp.nextafter(total, 0))
-  tokens = jnp.sum(cdf <= u[:, None], axis=-1, dtype=jnp.int32)               # [B]
+    total = jnp.sum(e, axis=-1)
+  u = jax.random.uniform(key, total.shape) * total
+  tokens = inverse_cdf(e, u)                                                  # [B]
   logprobs = jnp.take_along_axis(scaled, tokens[:, None], -1)[:, 0] - m[:, 0] - log_z
   return tokens, logprobs
 
@@ -85,12 +105,14 @@ def generate(params, prompts, prompt_mask, key, *, model: model_lib.Transformer,
     raise ValueError(f'prompt length {P} + max_new_tokens {N} exceeds model.max_len {model.cfg.max_len}')
   apply = functools.partial(model.apply, {'params': params})
   prompt_mask = prompt_mask.astype(jnp.int32)
-  cache = model_lib.init_cache(model.cfg, B, P + N)
-  h, cache = apply(prompts, model_lib.default_positions(prompt_mask), prompt_mask, cache=cache,
-                   method='trunk')
+  # Prefill: a plain forward over the prompts that returns their keys/values in a cache of P + N
+  # slots, so it attends over P slots, not P + N.
+  # Only the last prompt slot is read: the last block runs its queries and MLP there alone, and
+  # logits [B, P, V] are never materialised.
+  h, cache = apply(prompts, model_lib.default_positions(prompt_mask), prompt_mask, cache_length=P + N,
+                   read_at=jnp.full((B,), P - 1), method='trunk')
   keys = jax.random.split(key, N)
-  # Only the last prompt slot's logits are needed: never materialise [B, P, V].
-  tok, logp = sample_logits(apply(h[:, -1], method='logits'), keys[0], cfg)
+  tok, logp = sample_logits(apply(h, method='logits'), keys[0], cfg)
   done = jnp.zeros((B,), bool) if cfg.eos_id is None else tok == cfg.eos_id
   pos = jnp.sum(prompt_mask, axis=-1)                                         # [B]
 

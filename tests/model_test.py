@@ -147,6 +147,15 @@ def test_kv_cache_decode_matches_full_forward(setup):
   cache = M.init_cache(cfg, 3, P + N)
   h, cache = trunk(params, ptoks, M.default_positions(jnp.asarray(pmask)), pmask, cache)
   np.testing.assert_allclose(head(params, h[:, -1]), full[:, P - 1], atol=1e-4, rtol=1e-4)
+  # The sampler's prefill (no cache in, a cache of P + N slots out) builds the same cache.
+  _, built = jax.jit(lambda p, t, pos, m: model.apply({'params': p}, t, pos, m, cache_length=P + N,
+                                                      method='trunk'))(params, ptoks, None, pmask)
+  np.testing.assert_array_equal(built['mask'], cache['mask'])
+  assert int(built['index']) == int(cache['index']) == P
+  real = np.asarray(cache['mask'], bool)               # padding slots hold masked-out garbage
+  for a, b in zip(jax.tree.leaves(built['layers']), jax.tree.leaves(cache['layers'])):
+    np.testing.assert_allclose(np.moveaxis(np.asarray(a), 2, 1)[real], np.moveaxis(np.asarray(b), 2, 1)[real],
+                               atol=1e-5)
   pos = pmask.sum(1)
   for i in range(N - 1):
     h, cache = trunk(params, cont[:, i:i + 1], (pos + i)[:, None], np.ones((3, 1)), cache)
@@ -165,6 +174,25 @@ def test_scalar_head_at_any_position(setup):
     h, _ = model.apply({'params': params}, toks, method='trunk')
     return model.apply({'params': params}, h[jnp.arange(2), idx], method='score')
   np.testing.assert_allclose(at(params), full[jnp.arange(2), idx], atol=1e-5)
+
+
+def test_read_at_equals_full_forward_at_that_position(setup):
+  """Reading one position per row (the last real token of right-padded rows) gives the full
+  forward's hidden state there, although the last block only runs at that position."""
+  cfg, model, params, fwd = setup
+  rng = np.random.default_rng(4)
+  toks, mask = _padded([rng.integers(1, cfg.vocab_size, size=n) for n in (3, 9, 6)], 10, left=False)
+  last = mask.sum(1) - 1
+  full = fwd(params, toks, None, mask)
+
+  @jax.jit
+  def read(params):
+    h, _ = model.apply({'params': params}, toks, mask=mask, read_at=jnp.asarray(last), method='trunk')
+    return model.apply({'params': params}, h, method='logits'), model.apply({'params': params}, h, method='score')
+
+  logits, scores = read(params)
+  np.testing.assert_allclose(logits, full['logits'][np.arange(3), last], atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(scores, full['scores'][np.arange(3), last], atol=1e-4, rtol=1e-4)
 
 
 def test_every_parameter_has_logical_axis_names():

@@ -155,3 +155,22 @@ def test_top_k_and_top_p_renormalise_the_kept_tokens():
   freq, _, _ = _frequencies(top_p=0.85)
   want = np.where(np.arange(6) < 3, p, 0) / p[:3].sum()
   assert (np.abs(freq - want) <= 4 * np.sqrt(want * (1 - want) / DRAWS) + 1e-9).all(), freq
+
+
+def test_inverse_cdf_matches_searchsorted():
+  """Across many blocks, with a vocabulary that is not a multiple of the block and zero weights:
+  the index equals NumPy's search of the float64 cumulative sum."""
+  rng = np.random.default_rng(0)
+  w = rng.exponential(size=(64, 1000)) * (rng.random((64, 1000)) > 0.3)   # [B, V], 30 % zeros
+  cdf = np.cumsum(w, -1)
+  u = rng.random(64) * cdf[:, -1]
+  got = np.asarray(jax.jit(sampling.inverse_cdf)(jnp.asarray(w, jnp.float32), jnp.asarray(u, jnp.float32)))
+  want = np.array([np.searchsorted(c, x, side='right') for c, x in zip(cdf, u)])
+  # float32 vs float64 sums may disagree only for u within rounding of a boundary: skip those.
+  clear = np.array([np.min(np.abs(c - x)) > 1e-4 * c[-1] for c, x in zip(cdf, u)])
+  assert clear.sum() > 50
+  np.testing.assert_array_equal(got[clear], want[clear])
+  assert (w[np.arange(64), got] > 0).all()          # never a zero-weight index, even at boundaries
+  # u at the very top of the range still lands on the last positive weight.
+  top = np.asarray(sampling.inverse_cdf(jnp.asarray(w, jnp.float32), jnp.asarray(cdf[:, -1], jnp.float32)))
+  np.testing.assert_array_equal(top, [np.nonzero(r)[0][-1] for r in w])
