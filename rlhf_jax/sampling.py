@@ -66,11 +66,13 @@ def inverse_cdf(weights, u, block: int = 128):
   return (j * block + jnp.clip(i, first, last)).astype(jnp.int32)
 
 
-def sample_logits(logits, key, cfg: SampleConfig):
-  """Draw one token per row from logits [B, V]. Returns (tokens [B], logprobs [B]).
+def sample_logits(logits, u, cfg: SampleConfig):
+  """Draw one token per row from logits [B, V], given uniforms u [B] in [0, 1). Returns
+  (tokens [B], logprobs [B]).
 
   Draws by inverting the CDF with one uniform per row: exact, and far cheaper on CPU than a
-  Gumbel draw over the whole vocabulary.
+  Gumbel draw over the whole vocabulary. The caller draws u (all steps' at once, outside the
+  decode loop, so that no random-number kernel runs per step).
   """
   logits = logits.astype(jnp.float32)
   if cfg.temperature == 0:
@@ -86,8 +88,7 @@ def sample_logits(logits, key, cfg: SampleConfig):
   if filtered:
     e = jnp.exp(_filter(scaled, cfg.top_k, cfg.top_p) - m)
     total = jnp.sum(e, axis=-1)
-  u = jax.random.uniform(key, total.shape) * total
-  tokens = inverse_cdf(e, u)                                                  # [B]
+  tokens = inverse_cdf(e, u * total)                                                  # [B]
   logprobs = jnp.take_along_axis(scaled, tokens[:, None], -1)[:, 0] - m[:, 0] - log_z
   return tokens, logprobs
 
@@ -111,16 +112,16 @@ def generate(params, prompts, prompt_mask, key, *, model: model_lib.Transformer,
   # logits [B, P, V] are never materialised.
   h, cache = apply(prompts, model_lib.default_positions(prompt_mask), prompt_mask, cache_length=P + N,
                    read_at=jnp.full((B,), P - 1), method='trunk')
-  keys = jax.random.split(key, N)
-  tok, logp = sample_logits(apply(h, method='logits'), keys[0], cfg)
+  uniforms = jax.random.uniform(key, (N, B))                                  # [N, B]
+  tok, logp = sample_logits(apply(h, method='logits'), uniforms[0], cfg)
   done = jnp.zeros((B,), bool) if cfg.eos_id is None else tok == cfg.eos_id
   pos = jnp.sum(prompt_mask, axis=-1)                                         # [B]
 
-  def step(carry, key):
+  def step(carry, u):
     cache, tok, real, pos, done = carry
     h, cache = apply(tok[:, None], pos[:, None], real[:, None].astype(jnp.int32), cache=cache,
                      method='trunk')
-    new, logp = sample_logits(apply(h[:, 0], method='logits'), key, cfg)
+    new, logp = sample_logits(apply(h[:, 0], method='logits'), u, cfg)
     live = ~done
     new = jnp.where(live, new, cfg.pad_id)
     if cfg.eos_id is not None:
@@ -128,7 +129,7 @@ def generate(params, prompts, prompt_mask, key, *, model: model_lib.Transformer,
     return (cache, new, live, pos + 1, done), (new, jnp.where(live, logp, 0.0), live)
 
   carry = (cache, tok, jnp.ones((B,), bool), pos, done)
-  _, (toks, logps, live) = jax.lax.scan(step, carry, keys[1:])
+  _, (toks, logps, live) = jax.lax.scan(step, carry, uniforms[1:])
   return {
       'tokens': jnp.concatenate([tok[:, None], toks.T], axis=1).astype(jnp.int32),        # [B, N]
       'logprobs': jnp.concatenate([logp[:, None], logps.T], axis=1),                        # [B, N]

@@ -126,7 +126,8 @@ DRAWS = 40000
 def _frequencies(**kw):
   cfg = sampling.SampleConfig(max_new_tokens=1, **kw)
   logits = jnp.broadcast_to(jnp.asarray(LOGITS), (DRAWS, len(LOGITS)))
-  toks, logp = jax.jit(lambda l, k: sampling.sample_logits(l, k, cfg))(logits, jax.random.key(0))
+  u = jax.random.uniform(jax.random.key(0), (DRAWS,))
+  toks, logp = jax.jit(lambda l, u: sampling.sample_logits(l, u, cfg))(logits, u)
   return np.bincount(np.asarray(toks), minlength=len(LOGITS)) / DRAWS, np.asarray(toks), np.asarray(logp)
 
 
