@@ -8,7 +8,7 @@ setup(
     long_description=open('README.md').read(),
     long_description_content_type='text/markdown',
     python_requires='>=3.11',
-    packages=find_packages(include=['rlhf_jax', 'rlhf_jax.*']),
+    packages=find_packages(include=['rlhf_jax', 'rlhf_jax.*', 'experiments']),
     install_requires=[
         'jax>=0.7',
         'flax>=0.10',
@@ -24,6 +24,8 @@ setup(
         'sentencepiece>=0.2',
         'safetensors>=0.4',
         'tqdm>=4.0',
+        'tensorboardX>=2.6',       # TensorBoard event files without TensorFlow
+        'absl-py>=1.0',
     ],
     extras_require={
         'test': ['pytest>=8', 'pytest-xdist>=3'],

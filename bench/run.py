@@ -209,13 +209,13 @@ def make_generate_nocache(model, scfg, prompt_len: int):
   def generate(params, prompts, key):
     B = prompts.shape[0]
     buf = jnp.zeros((B, prompt_len + N), jnp.int32).at[:, :prompt_len].set(prompts)
-    keys = jax.random.split(key, N)
+    uniforms = jax.random.uniform(key, (N, B))
 
     def step(i, carry):
       buf, logps = carry
       h, _ = model.apply({'params': params}, buf, method='trunk')
       last = jax.lax.dynamic_index_in_dim(h, prompt_len - 1 + i, axis=1, keepdims=False)  # [B, D]
-      tok, logp = sample_logits(model.apply({'params': params}, last, method='logits'), keys[i], scfg)
+      tok, logp = sample_logits(model.apply({'params': params}, last, method='logits'), uniforms[i], scfg)
       buf = jax.lax.dynamic_update_index_in_dim(buf, tok.astype(jnp.int32), prompt_len + i, axis=1)
       return buf, logps.at[:, i].set(logp)
 

@@ -135,7 +135,7 @@ class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, positions, key_mask, query_slots, cache, read_at=None):
+  def __call__(self, x, positions, key_mask, query_slots, cache, read_at=None, segments=None):
     """Returns the output [B, T, D] and this layer's K/V [B, Hkv, S, Dh]: the updated cache, or
     without a cache the T new tokens' keys and values. With read_at [B], queries (and so the
     output, [B, 1, D]) are computed only at that position of each row; keys/values at all."""
@@ -171,6 +171,9 @@ class Attention(nn.Module):
     logits = jnp.einsum('bthgk,bhsk->bhgts', q, k, preferred_element_type=jnp.float32)  # [B,Hkv,G,T,S]
     logits *= Dh ** -0.5
     visible = (jnp.arange(S) <= query_slots[..., None]) & key_mask[:, None, :].astype(bool)  # [B, T, S]
+    if segments is not None:  # packed rows: a token sees only its own document
+      seg_q = segments if read_at is None else jnp.take_along_axis(segments, read_at[:, None], axis=1)
+      visible &= seg_q[:, :, None] == segments[:, None, :]
     logits = jnp.where(visible[:, None, None], logits, _NEG)
     probs = jax.nn.softmax(logits, axis=-1).astype(dt)
     out = jnp.einsum('bhgts,bhsk->bthgk', probs, v).reshape(q.shape[:2] + (H, Dh))  # [B, T, H, Dh]
@@ -214,10 +217,10 @@ class Block(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, positions, key_mask, query_slots, cache, train, read_at=None):
+  def __call__(self, x, positions, key_mask, query_slots, cache, train, read_at=None, segments=None):
     drop = nn.Dropout(self.cfg.dropout, deterministic=not train)
     a, kv = Attention(self.cfg, name='attn')(Norm(self.cfg, name='norm1')(x), positions, key_mask,
-                                             query_slots, cache, read_at)
+                                             query_slots, cache, read_at, segments)
     if read_at is not None:  # the residual stream continues only at the read positions
       x = jnp.take_along_axis(x, read_at[:, None, None], axis=1)              # [B, 1, D]
     x = _constrain(x + drop(a), ('batch', 'length', 'embed'))
@@ -258,12 +261,13 @@ class Transformer(nn.Module):
                                nn.initializers.normal(1 / (cfg.d_model + 1) ** 0.5), pdt)
     self.dropout = nn.Dropout(cfg.dropout)
 
-  def trunk(self, tokens, positions=None, mask=None, *, cache=None, cache_length=None, read_at=None,
-            train=False):
+  def trunk(self, tokens, positions=None, mask=None, *, segments=None, cache=None, cache_length=None,
+            read_at=None, train=False):
     """Final-norm hidden states h [B, T, D] and a cache (None unless asked for).
 
     tokens, positions, mask: [B, T]. mask 1 marks a real token; positions default to the count of
-    real tokens before each token. With a cache (see `init_cache`) the T tokens go to slots
+    real tokens before each token. segments [B, T] (optional, packed rows): document ids; a token
+    attends only within its own document (give positions restarting at 0 per document). With a cache (see `init_cache`) the T tokens go to slots
     cache['index'] .. cache['index'] + T - 1 and attend to every earlier slot. Without one, the
     tokens attend only to each other; `cache_length` then returns a cache of that many slots
     holding them (a prefill that never attends over the empty slots).
@@ -291,7 +295,7 @@ class Transformer(nn.Module):
     kvs = []
     for i, (block, layer_cache) in enumerate(zip(self.blocks, layer_caches)):
       last = read_at if i == cfg.n_layer - 1 else None
-      x, kv = block(x, positions, key_mask, slots, layer_cache, train, last)
+      x, kv = block(x, positions, key_mask, slots, layer_cache, train, last, segments)
       kvs.append(kv)
     h = self.final_norm(x)
     if read_at is not None:
@@ -317,9 +321,9 @@ class Transformer(nn.Module):
     """Float32 scalar per position [...] from hidden states [..., D] (reward / value head)."""
     return jnp.einsum('...d,d->...', h.astype(jnp.float32), self.score_head.astype(jnp.float32))
 
-  def __call__(self, tokens, positions=None, mask=None, *, train=False):
+  def __call__(self, tokens, positions=None, mask=None, *, segments=None, train=False):
     """Full forward: {'logits': [B, T, V]} and/or {'scores': [B, T]}, as the config asks."""
-    h, _ = self.trunk(tokens, positions, mask, train=train)
+    h, _ = self.trunk(tokens, positions, mask, segments=segments, train=train)
     out = {}
     if self.cfg.lm_head:
       out['logits'] = self.logits(h)

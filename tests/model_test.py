@@ -195,6 +195,22 @@ def test_read_at_equals_full_forward_at_that_position(setup):
   np.testing.assert_allclose(scores, full['scores'][np.arange(3), last], atol=1e-4, rtol=1e-4)
 
 
+def test_packed_documents_never_attend_across(setup):
+  """Two documents packed in one row (segments, positions restarting) give each document's own
+  unpacked outputs: attention never crosses the boundary."""
+  cfg, _, params, fwd = setup
+  rng = np.random.default_rng(5)
+  a, b = rng.integers(1, cfg.vocab_size, size=5), rng.integers(1, cfg.vocab_size, size=6)
+  toks = np.concatenate([a, b, [0]])[None]                       # one pad slot at the end
+  segs = np.array([[1] * 5 + [2] * 6 + [0]])
+  pos = np.array([list(range(5)) + list(range(6)) + [0]])
+  mask = (segs > 0).astype(np.int32)
+  packed = jax.jit(lambda p: M.Transformer(cfg).apply({'params': p}, toks, pos, mask, segments=segs))(params)
+  for doc, sl in ((a, slice(0, 5)), (b, slice(5, 11))):
+    alone = fwd(params, doc[None], jnp.arange(len(doc))[None], np.ones((1, len(doc))))
+    np.testing.assert_allclose(packed['logits'][0, sl], alone['logits'][0], atol=1e-4, rtol=1e-4)
+
+
 def test_every_parameter_has_logical_axis_names():
   for cfg in STYLES.values():
     boxed = jax.eval_shape(M.Transformer(cfg).init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))

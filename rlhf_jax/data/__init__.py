@@ -1,0 +1,1 @@
+"""Datasets, builders and input pipelines."""

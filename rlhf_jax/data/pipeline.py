@@ -1,0 +1,135 @@
+"""Input pipelines (grain): tokenize, truncate, pad or pack, mask the loss, batch, shard per host.
+
+Every pipeline is deterministic from its seed and checkpointable: the iterator's state
+(`get_state()`, a small dict) is saved with the train state, and `set_state` on a fresh pipeline
+continues with the next batch. Each process reads only its slice of the records
+(`records[process_index::process_count]`) and yields its per-host rows of the global batch.
+
+Batches are dicts of int32 [B, T] arrays, the model's inputs:
+  tokens; mask (1 = real token); positions (restart at 0 per document); segments (document id
+  within a packed row, 0 on padding); loss_mask (1 on the tokens whose prediction is trained:
+  response tokens and the final EOS for demonstrations, every token after BOS for pretraining text).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+import grain
+import grain.experimental as grain_exp
+import jax
+import numpy as np
+
+from rlhf_jax import tokenizers
+
+FIELDS = ('tokens', 'mask', 'positions', 'segments', 'loss_mask')
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoded:
+  tokens: np.ndarray     # int32 [L]
+  loss_mask: np.ndarray  # int32 [L]
+  truncated: bool
+
+
+def encode_demo(tok: tokenizers.Tokenizer, prompt: str, response: str, seq_len: int) -> Encoded:
+  """[bos] prompt response [eos], with the loss on response + eos only.
+
+  Too long: the prompt keeps its end (at least half the budget, or all of it if shorter), then
+  the response keeps its start; `truncated` says so (the pipeline counts and logs these).
+  """
+  p = ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(prompt)
+  r = tok.encode(response) + [tok.eos_id]
+  truncated = len(p) + len(r) > seq_len
+  if truncated:
+    keep_p = min(len(p), max(seq_len - len(r), seq_len // 2))
+    p = p[len(p) - keep_p:]
+    r = r[:seq_len - keep_p]
+  tokens = np.asarray(p + r, np.int32)
+  loss = np.concatenate([np.zeros(len(p), np.int32), np.ones(len(r), np.int32)])
+  return Encoded(tokens, loss, truncated)
+
+
+def encode_text(tok: tokenizers.Tokenizer, text: str, seq_len: int) -> Encoded:
+  """Pretraining text: [bos] text [eos], the loss on every token after the first."""
+  ids = ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(text) + [tok.eos_id]
+  truncated = len(ids) > seq_len
+  ids = ids[:seq_len]
+  loss = np.ones(len(ids), np.int32)
+  loss[0] = 0
+  return Encoded(np.asarray(ids, np.int32), loss, truncated)
+
+
+def encode(tok, record: Mapping[str, Any], seq_len: int) -> Encoded:
+  """A demonstration ({'prompt', 'response'}) or a document ({'text'})."""
+  if 'text' in record:
+    return encode_text(tok, record['text'], seq_len)
+  return encode_demo(tok, record['prompt'], record['response'], seq_len)
+
+
+def _pad(e: Encoded, seq_len: int) -> dict:
+  n = len(e.tokens)
+  out = {k: np.zeros(seq_len, np.int32) for k in FIELDS}
+  out['tokens'][:n] = e.tokens
+  out['loss_mask'][:n] = e.loss_mask
+  out['mask'][:n] = 1
+  out['segments'][:n] = 1
+  out['positions'][:n] = np.arange(n)
+  return out
+
+
+def _from_packed(x: dict) -> dict:
+  seg = x['tokens_segment_ids'].astype(np.int32)
+  return {'tokens': x['tokens'].astype(np.int32), 'loss_mask': x['loss_mask'].astype(np.int32),
+          'segments': seg, 'mask': (seg > 0).astype(np.int32),
+          'positions': x['tokens_positions'].astype(np.int32)}
+
+
+def _host_slice(records):
+  return grain.MapDataset.source(records)[jax.process_index()::jax.process_count()]
+
+
+def truncation_count(tok, records: Sequence[Mapping[str, Any]], seq_len: int) -> int:
+  """How many records are longer than seq_len (they are truncated, never dropped)."""
+  return sum(encode(tok, r, seq_len).truncated for r in records)
+
+
+def train_batches(tok, sources: Sequence[Sequence[Mapping[str, Any]]], *, seq_len: int, global_batch: int,
+                  seed: int, weights: Sequence[float] | None = None, pack: bool = False) -> grain.IterDataset:
+  """An endless, shuffled (reshuffled every epoch) stream of this host's rows of each global batch.
+
+  sources: record lists (demonstrations and/or pretraining documents); with several, they are
+  mixed by `weights` (e.g. SFT + 10 % pretraining: weights (0.9, 0.1)). pack: first-fit packing of
+  several documents per row (segments keep attention within a document); otherwise one document
+  per row, right-padded.
+  """
+  n_proc = jax.process_count()
+  if global_batch % n_proc:
+    raise ValueError(f'batch_size={global_batch} is not divisible by the {n_proc} processes')
+  rows = global_batch // n_proc
+  parts = [_host_slice(s).seed(seed + i).shuffle().repeat() for i, s in enumerate(sources)]
+  ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
+  ds = ds.map(lambda r: encode(tok, r, seq_len))
+  if pack:
+    ds = ds.map(lambda e: {'tokens': e.tokens, 'loss_mask': e.loss_mask}).to_iter_dataset()
+    ds = grain_exp.FirstFitPackIterDataset(ds, length_struct={'tokens': seq_len, 'loss_mask': seq_len},
+                                           num_packing_bins=rows, seed=seed, shuffle_bins=False)
+    ds = ds.map(_from_packed)
+  else:
+    ds = ds.map(lambda e: _pad(e, seq_len)).to_iter_dataset()
+  return ds.batch(rows, drop_remainder=True)
+
+
+def eval_batches(tok, records: Sequence[Mapping[str, Any]], *, seq_len: int, global_batch: int):
+  """One ordered pass over this host's records, right-padded, filled up with rows whose loss_mask
+  is 0 (they count for nothing), so that every batch has the static shape and every host yields
+  the same number of batches."""
+  n_proc = jax.process_count()
+  rows = global_batch // n_proc
+  per_host = -(-len(records) // n_proc)
+  n_batches = max(-(-per_host // rows), 1)
+  examples = [_pad(encode(tok, r, seq_len), seq_len) for r in _host_slice(records)]
+  empty = {k: np.zeros(seq_len, np.int32) for k in FIELDS}
+  examples += [empty] * (n_batches * rows - len(examples))
+  for i in range(0, len(examples), rows):
+    yield {k: np.stack([e[k] for e in examples[i:i + rows]]) for k in FIELDS}

@@ -1,0 +1,33 @@
+"""Run an experiment: `python -m rlhf_jax.main --config=experiments/<file>.py[:arg] --workdir=DIR`.
+
+Overrides: `--config.optim.lr=1e-4`. Configs are locked, so a mistyped key fails naming it.
+"""
+import logging
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from rlhf_jax import trainer
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'experiment config file[:arg]', lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'where checkpoints, metrics and reports go')
+
+STAGES = {'sft': trainer.train_sft}
+
+
+def run(config, workdir: str):
+  stage = config.stage
+  if stage not in STAGES:
+    raise ValueError(f'config.stage={stage!r}; valid: {sorted(STAGES)}')
+  return STAGES[stage](config, workdir)
+
+
+def main(argv):
+  del argv
+  logging.getLogger('rlhf_jax').setLevel(logging.INFO)
+  run(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['config', 'workdir'])
+  app.run(main)
