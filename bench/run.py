@@ -244,8 +244,53 @@ def run_gen_nocache(ctx: Ctx):
                  f'(the peer recomputes {g["prompt_len"]}..{L - 1} tokens)')
 
 
+def run_sft(ctx: Ctx):
+  """The SFT workload through the project's own `steps.sft_step` (loss on every next token, as
+  the spec asks: a loss mask of ones), AdamW from the spec, state donated."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from rlhf_jax import sharding, steps
+  from rlhf_jax import state as state_lib
+  from rlhf_jax.model import Transformer
+  c, o = ctx.spec['sft'], ctx.spec['optimizer']
+  model = Transformer(model_config(ctx.spec))
+  tx = optax.adamw(o['lr'], b1=o['betas'][0], b2=o['betas'][1], eps=o['eps'], weight_decay=o['weight_decay'])
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  tokens = jnp.zeros((1, c['seq']), jnp.int32)
+  state, shardings = state_lib.create(lambda k: model.init(k, tokens)['params'], tx, mesh,
+                                      ctx.spec['seeds']['policy'])
+  ids = uniform_tokens(ctx.spec, np.random.default_rng(ctx.spec['seeds']['data']), c['batch'], c['seq'])
+  ones = np.ones_like(ids)
+  batch = sharding.shard_batch({'tokens': ids, 'positions': np.broadcast_to(np.arange(c['seq']), ids.shape).copy(),
+                                'mask': ones, 'loss_mask': ones}, mesh)
+  step = steps.compile_step(steps.sft_step, mesh, shardings, tuple(batch), model=model, tx=tx)
+  t = time.perf_counter()
+  step = step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - t
+  holder = [state]
+
+  def run(i):
+    holder[0], m = step(holder[0], batch)
+    return jax.block_until_ready(m)
+
+  log(f'SFT: compiled in {compile_s:.1f} s; {c["warmup"]} warm-up + {c["repeats"]}x{c["steps_per_repeat"]} steps')
+  for i in range(c['warmup']):
+    run(i)
+  times = []
+  for _ in range(c['repeats']):
+    t0 = time.perf_counter()
+    for i in range(c['steps_per_repeat']):
+      run(i)
+    times.append((time.perf_counter() - t0) / c['steps_per_repeat'])
+  rate = c['batch'] * c['seq'] / statistics.median(times)
+  ctx.emit('SFT', 'tokens_per_s', rate, times, mfu=ctx.mfu(rate, 3 * fwd_flops_per_token(ctx.spec, c['seq'])),
+           mfu_with_head=ctx.mfu(rate, 3 * fwd_flops_per_token(ctx.spec, c['seq'], head=True)), compile_s=compile_s)
+
+
 WORKLOADS: dict[str, Callable[[Ctx], None]] = {
     'PEAK': run_peak,
+    'SFT': run_sft,
     'GEN': run_gen,
     'GEN_NOCACHE': run_gen_nocache,
 }

@@ -37,6 +37,8 @@ def get_config(arg=None):
                  schedule='cosine', warmup_steps=0, final_lr_frac=0.1)
   c.train = dict(batch_size=32, steps=0, epochs=2 if arg.mix else 16, log_every=50, eval_every=500,
                  eval_batch_size=64, checkpoint_every=500, keep_checkpoints=2, skip_nonfinite=False)
+  if size == '175b':                          # InstructGPT App. C.1
+    c.optim.lr, c.train.batch_size = 5.03e-6, 8
   if size == 'tiny':
     c.train.update(epochs=0, steps=1500, log_every=50, eval_every=500, checkpoint_every=500)
   c.eval = dict(gold_prompts=128 if size == 'tiny' else 16, prompt_len=48, gen_len=16)

@@ -121,6 +121,8 @@ def train_sft(c: ml_collections.ConfigDict, workdir: str, *, stop_after: int | N
   writer = metrics.Writer(workdir, stage=c.get('stage', 'sft'))
   start = int(state.step)
   pending, last_eval = [], {}
+  if start == 0 and c.train.eval_every:  # the untrained (or initial) model's figures, at step 0
+    writer.write(0, evaluate(state.params))
   bar = tqdm.tqdm(total=total, initial=start, desc='sft', disable=jax.process_index() != 0, dynamic_ncols=True)
   with _SigtermFlag() as sigterm:
     step = start

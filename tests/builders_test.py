@@ -410,3 +410,16 @@ def test_lfs_pointer_and_fake_gzip(tmp_path):
   fake.write_text('{}\n')
   with pytest.raises(readers.DataError, match='not gzip'):
     list(readers.hh_rlhf(fake))
+
+
+def test_synthetic_builder_needs_no_files(tmp_path):
+  """The embedded task prepares without a manual directory and reads back what the generator
+  gives, split by split."""
+  from rlhf_jax.data import builders, synthetic
+  recs = builders.load('synthetic_demos', 'valid', data_dir=tmp_path)
+  want = synthetic.sft_examples('valid')
+  assert len(recs) == len(want)
+  for i in (0, len(want) // 2, len(want) - 1):
+    assert recs[i]['prompt'] == synthetic.format_prompt(want[i]['prompt'])
+    assert recs[i]['response'] == want[i]['response']
+  assert list(tmp_path.rglob('*.array_record*'))
