@@ -6,8 +6,9 @@ policies, with its hyperparameters: 16 epochs, cosine to 10 %, no warm-up, resid
 Adam b2 0.95). `:mix=True` is the "SFT + 10 % pretraining" run that PPO starts from (2 epochs).
 
 python -m rlhf_jax.main --config=experiments/sft.py:tiny --workdir=runs/sft_tiny
-python -m rlhf_jax.main --config=experiments/sft.py:size=1.3b,data=self_instruct_demos \\
-    --config.data.manual_dir=../shared/data --workdir=gs://bucket/sft_1b
+python -m rlhf_jax.main --config=experiments/sft.py:smoke,data=oasst_demos --workdir=runs/sft_oasst
+python -m rlhf_jax.main --config=experiments/sft.py:size=1.3b,data=oasst_demos \\
+    --config.data.manual_dir=/data/oasst --workdir=gs://bucket/sft_1b
 """
 import ml_collections
 
@@ -30,8 +31,12 @@ def get_config(arg=None):
                 seq_len=64 if cpu else 2048, pack=not cpu,
                 n_train=20000 if size == 'tiny' else 512, n_valid=256 if size == 'tiny' else 64,
                 n_pretrain=20000 if size == 'tiny' else 512,
-                pretrain_source='synthetic' if arg.data == 'synthetic' else 'plain_text_corpus',
+                pretrain_source='synthetic' if arg.data == 'synthetic' else 'plain_text_corpus/tinyshakespeare',
                 pretrain_frac=0.1 if arg.mix else 0.0)
+  if arg.data != 'synthetic':
+    c.model.vocab_size = common.SIZES['1.3b']['vocab_size']   # GPT-2 BPE ids (50257), padded
+    c.data.manual_dir = '../shared/data'
+    c.data.data_dir = '~/tensorflow_datasets'
   c.init = dict(checkpoint='')                # start from another run's params (empty: random)
   c.optim = dict(lr=1e-3 if cpu else 9.65e-6, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, grad_clip=1.0,
                  schedule='cosine', warmup_steps=0, final_lr_frac=0.1)

@@ -24,8 +24,12 @@ def run(config, workdir: str):
 
 def main(argv):
   del argv
+  logging.basicConfig(format='%(asctime)s %(levelname)s %(message)s')
   logging.getLogger('rlhf_jax').setLevel(logging.INFO)
-  run(_CONFIG.value, _WORKDIR.value)
+  try:
+    run(_CONFIG.value, _WORKDIR.value)
+  except trainer.Preempted as e:  # state saved: a clean exit, so the scheduler can restart us
+    logging.getLogger('rlhf_jax').warning('%s', e)
 
 
 if __name__ == '__main__':
