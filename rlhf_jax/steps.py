@@ -38,8 +38,8 @@ def sft_eval(params, batch, *, model):
   """Summed next-token loss and token count over the loss mask (for a validation mean)."""
   logits = model.apply({'params': params}, batch['tokens'], batch['positions'], batch['mask'],
                        segments=batch.get('segments'))['logits']
-  logp = losses.token_logprobs(logits[:, :-1], batch['tokens'][:, 1:])
-  m = batch['loss_mask'][:, 1:]
+  targets, m = losses.next_token_targets(batch['tokens'], batch['loss_mask'])
+  logp = losses.token_logprobs(logits, targets)
   return {'nll_sum': -(logp * m).sum(), 'tokens': m.sum()}
 
 
