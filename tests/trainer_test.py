@@ -9,7 +9,7 @@ from rlhf_jax import checkpoint, metrics, trainer
 
 def _config(**train):
   c = sft_config.get_config('smoke')
-  c.train.update(steps=6, log_every=1, eval_every=6, checkpoint_every=100, **train)
+  c.train.update(**{**dict(steps=6, log_every=1, eval_every=6, checkpoint_every=100), **train})
   return c
 
 
@@ -122,3 +122,16 @@ def test_tiny_sft_learns_the_task(tmp_path):
   assert (start['step'], final['step']) == (0, 300)
   assert final['eval/sft_loss'] < 0.7 * start['eval/sft_loss'], (start, final)
   assert final['eval/gold_score'] > start['eval/gold_score'] + 0.1, (start, final)
+
+
+def test_init_from_another_runs_checkpoint(uninterrupted, tmp_path):
+  """`init.checkpoint` loads a previous stage's parameters (not its optimizer or step)."""
+  full_dir, _ = uninterrupted
+  c = _config(steps=1)
+  c.init.checkpoint = f'{full_dir}/checkpoints'
+  c.optim.lr = 0.0                                     # one step that changes nothing
+  trainer.train_sft(c, str(tmp_path))
+  step, params = _final(str(tmp_path))
+  assert step == 1
+  _, source = _final(full_dir)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), params, source)
