@@ -73,7 +73,7 @@ def init_sharded(init_fn: Callable, mesh: Mesh, *args, rules=RULES):
   """Run `init_fn(*args)` (e.g. `model.init`) under jit with out_shardings, so every parameter
   is created directly on its shards, never whole on one host. Returns (unboxed tree, shardings)."""
   _, shardings = abstract_and_shardings(init_fn, mesh, *args, rules=rules)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+  with rules_context(mesh, rules):
     tree = jax.jit(lambda *a: nn.meta.unbox(init_fn(*a)), out_shardings=shardings)(*args)
   return tree, shardings
 
@@ -108,7 +108,8 @@ def shard_batch(batch, mesh: Mesh):
 
 @contextlib.contextmanager
 def rules_context(mesh: Mesh, rules=RULES):
-  """Context in which the model's logical activation constraints resolve against `mesh`."""
+  """Context (outside jit) in which the model's logical activation constraints resolve against
+  `mesh`: for calling `model.apply` eagerly or jitting by hand, e.g. in a notebook."""
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     yield mesh
 

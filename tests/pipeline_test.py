@@ -1,6 +1,5 @@
 """Input pipeline: loss masks, packing boundaries, determinism, resumable position, mixing."""
 import numpy as np
-import pytest
 
 from rlhf_jax import tokenizers
 from rlhf_jax.data import pipeline
