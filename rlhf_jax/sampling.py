@@ -5,7 +5,9 @@ token and decoding writes all rows at the same cache slot P + i. Shapes are stat
 keeps stepping, emitting `pad_id` with mask 0.
 
 Returned log-probs are those of the *tempered, untruncated* policy, log softmax(logits / T), at
-the sampled token: the quantity PPO's scoring pass recomputes. Top-k / top-p only restrict which
+the sampled token: the quantity PPO's scoring pass recomputes. With `vocab_size` (a tokenizer smaller
+than the model's padded vocabulary) the softmax runs over the real ids only; scoring must slice the
+logits the same way. Top-k / top-p only restrict which
 tokens can be drawn; they are not folded into the returned log-probs.
 """
 from __future__ import annotations
@@ -27,6 +29,7 @@ class SampleConfig:
   top_p: float = 1.0         # 1 = off
   eos_id: int | None = None  # None = never stop early
   pad_id: int = 0
+  vocab_size: int | None = None  # the tokenizer's: ids >= this (model padding) are never drawn
 
 
 def _filter(scaled, top_k, top_p):
@@ -75,6 +78,8 @@ def sample_logits(logits, u, cfg: SampleConfig):
   decode loop, so that no random-number kernel runs per step).
   """
   logits = logits.astype(jnp.float32)
+  if cfg.vocab_size is not None:
+    logits = logits[:, :cfg.vocab_size]                                       # [B, V_real]
   if cfg.temperature == 0:
     tokens = jnp.argmax(logits, axis=-1)
     logp = jax.nn.log_softmax(logits, axis=-1)

@@ -175,3 +175,17 @@ def test_inverse_cdf_matches_searchsorted():
   # u at the very top of the range still lands on the last positive weight.
   top = np.asarray(sampling.inverse_cdf(jnp.asarray(w, jnp.float32), jnp.asarray(cdf[:, -1], jnp.float32)))
   np.testing.assert_array_equal(top, [np.nonzero(r)[0][-1] for r in w])
+
+
+def test_vocab_limit_never_draws_padding_ids():
+  """With a tokenizer smaller than the model's vocabulary, ids at or above its size are never
+  drawn, and log-probs are those of the softmax over the real ids."""
+  model, params = _model('gpt2')
+  toks, mask = _prompts()
+  out = _gen('gpt2', temperature=1.0, vocab_size=10)(params, toks, mask, jax.random.key(7))
+  assert int(np.max(out['tokens'])) < 10
+  seq = np.concatenate([toks, out['tokens']], 1)
+  logits = model.apply({'params': params}, seq, mask=np.concatenate([mask, out['mask']], 1))['logits']
+  ref = jax.nn.log_softmax(logits[:, P - 1:-1, :10])
+  ref = np.take_along_axis(np.asarray(ref), out['tokens'][..., None], -1)[..., 0]
+  np.testing.assert_allclose(out['logprobs'], ref, atol=1e-4)

@@ -61,7 +61,8 @@ def gold_sampler(c, model, tok: tokenizers.Tokenizer, mesh):
   mine = [synthetic.format_prompt(t) for t in padded[jax.process_index() * per:(jax.process_index() + 1) * per]]
   ids, mask = tokenizers.encode_batch(tok, mine, c.eval.prompt_len, pad_left=True, truncate=True,
                                       add_bos=tok.bos_id is not None)
-  scfg = sampling.SampleConfig(max_new_tokens=c.eval.gen_len, temperature=0.0, eos_id=tok.eos_id, pad_id=tok.pad_id)
+  scfg = sampling.SampleConfig(max_new_tokens=c.eval.gen_len, temperature=0.0, eos_id=tok.eos_id,
+                               pad_id=tok.pad_id, vocab_size=tok.vocab_size)
   gen = jax.jit(sharding.under_rules(functools.partial(sampling.generate, model=model, cfg=scfg), mesh))
   batch = sharding.shard_batch({'ids': ids, 'mask': mask}, mesh)
 
