@@ -244,53 +244,92 @@ def run_gen_nocache(ctx: Ctx):
                  f'(the peer recomputes {g["prompt_len"]}..{L - 1} tokens)')
 
 
-def run_sft(ctx: Ctx):
-  """The SFT workload through the project's own `steps.sft_step` (loss on every next token, as
-  the spec asks: a loss mask of ones), AdamW from the spec, state donated."""
+def _train_step_setup(ctx: Ctx, model, seed_name: str):
+  """A TrainState of `model` with the spec's AdamW on one device, and its mesh and shardings."""
   import jax
   import jax.numpy as jnp
   import optax
-  from rlhf_jax import sharding, steps
+  from rlhf_jax import sharding
   from rlhf_jax import state as state_lib
-  from rlhf_jax.model import Transformer
-  c, o = ctx.spec['sft'], ctx.spec['optimizer']
-  model = Transformer(model_config(ctx.spec))
+  o = ctx.spec['optimizer']
   tx = optax.adamw(o['lr'], b1=o['betas'][0], b2=o['betas'][1], eps=o['eps'], weight_decay=o['weight_decay'])
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
-  tokens = jnp.zeros((1, c['seq']), jnp.int32)
-  state, shardings = state_lib.create(lambda k: model.init(k, tokens)['params'], tx, mesh,
-                                      ctx.spec['seeds']['policy'])
-  ids = uniform_tokens(ctx.spec, np.random.default_rng(ctx.spec['seeds']['data']), c['batch'], c['seq'])
-  ones = np.ones_like(ids)
-  batch = sharding.shard_batch({'tokens': ids, 'positions': np.broadcast_to(np.arange(c['seq']), ids.shape).copy(),
-                                'mask': ones, 'loss_mask': ones}, mesh)
-  step = steps.compile_step(steps.sft_step, mesh, shardings, tuple(batch), model=model, tx=tx)
+  tokens = jnp.zeros((1, 8), jnp.int32)
+  state, shardings = state_lib.create(lambda k: model.init(k, tokens)['params'], tx, mesh, ctx.spec['seeds'][seed_name])
+  return tx, mesh, state, shardings
+
+
+def _time_steps(name: str, c, step, state, batch):
+  """Compile `step` (timed apart), then the spec's warm-up and timed repeats, state threaded
+  through (it is donated). Returns (per-step times, compile seconds)."""
+  import jax
   t = time.perf_counter()
   step = step.lower(state, batch).compile()
   compile_s = time.perf_counter() - t
   holder = [state]
 
-  def run(i):
+  def run():
     holder[0], m = step(holder[0], batch)
     return jax.block_until_ready(m)
 
-  log(f'SFT: compiled in {compile_s:.1f} s; {c["warmup"]} warm-up + {c["repeats"]}x{c["steps_per_repeat"]} steps')
-  for i in range(c['warmup']):
-    run(i)
+  log(f'{name}: compiled in {compile_s:.1f} s; {c["warmup"]} warm-up + {c["repeats"]}x{c["steps_per_repeat"]} steps')
+  for _ in range(c['warmup']):
+    run()
   times = []
   for _ in range(c['repeats']):
     t0 = time.perf_counter()
-    for i in range(c['steps_per_repeat']):
-      run(i)
+    for _ in range(c['steps_per_repeat']):
+      run()
     times.append((time.perf_counter() - t0) / c['steps_per_repeat'])
+  return times, compile_s
+
+
+def run_sft(ctx: Ctx):
+  """The SFT workload through the project's own `steps.sft_step` (loss on every next token, as
+  the spec asks: a loss mask of ones), AdamW from the spec, state donated."""
+  from rlhf_jax import sharding, steps
+  from rlhf_jax.model import Transformer
+  c = ctx.spec['sft']
+  model = Transformer(model_config(ctx.spec))
+  tx, mesh, state, shardings = _train_step_setup(ctx, model, 'policy')
+  ids = uniform_tokens(ctx.spec, np.random.default_rng(ctx.spec['seeds']['data']), c['batch'], c['seq'])
+  ones = np.ones_like(ids)
+  batch = sharding.shard_batch({'tokens': ids, 'positions': np.broadcast_to(np.arange(c['seq']), ids.shape).copy(),
+                                'mask': ones, 'loss_mask': ones}, mesh)
+  step = steps.compile_step(steps.sft_step, mesh, shardings, tuple(batch), model=model, tx=tx)
+  times, compile_s = _time_steps('SFT', c, step, state, batch)
   rate = c['batch'] * c['seq'] / statistics.median(times)
   ctx.emit('SFT', 'tokens_per_s', rate, times, mfu=ctx.mfu(rate, 3 * fwd_flops_per_token(ctx.spec, c['seq'])),
            mfu_with_head=ctx.mfu(rate, 3 * fwd_flops_per_token(ctx.spec, c['seq'], head=True)), compile_s=compile_s)
 
 
+def run_rm(ctx: Ctx):
+  """The RM workload through the project's own `steps.reward_step`: 8 prompts x K = 4 responses
+  as one grouped batch [8, 4, 128] (rank r = response r), the score read at the last token, eq. 1
+  over all 48 pairs (with K equal for every prompt, eq. 1 is the spec's plain mean over pairs)."""
+  import dataclasses
+  from rlhf_jax import sharding, steps
+  from rlhf_jax.data import pipeline
+  from rlhf_jax.model import Transformer
+  c = ctx.spec['rm']
+  p, k, seq = c['prompts'], c['k'], c['seq']
+  model = Transformer(dataclasses.replace(model_config(ctx.spec), lm_head=False, scalar_head=True))
+  tx, mesh, state, shardings = _train_step_setup(ctx, model, 'reward')
+  ids = uniform_tokens(ctx.spec, np.random.default_rng(ctx.spec['seeds']['data']), p * k, seq).reshape(p, k, seq)
+  batch = sharding.shard_batch({
+      'tokens': ids, 'mask': np.ones_like(ids), 'positions': np.broadcast_to(np.arange(seq), ids.shape).copy(),
+      'read_at': np.full((p, k), seq - 1, np.int32), 'ranks': np.broadcast_to(np.arange(k, dtype=np.int32), (p, k)).copy(),
+      'valid': np.ones((p, k), np.int32)}, mesh)
+  step = steps.compile_step(steps.reward_step, mesh, shardings, pipeline.RANKING_FIELDS, model=model, tx=tx)
+  times, compile_s = _time_steps('RM', c, step, state, batch)
+  pairs = p * k * (k - 1) // 2
+  ctx.emit('RM', 'comparisons_per_s', pairs / statistics.median(times), times, compile_s=compile_s)
+
+
 WORKLOADS: dict[str, Callable[[Ctx], None]] = {
     'PEAK': run_peak,
     'SFT': run_sft,
+    'RM': run_rm,
     'GEN': run_gen,
     'GEN_NOCACHE': run_gen_nocache,
 }

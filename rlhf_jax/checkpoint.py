@@ -59,6 +59,20 @@ class Checkpointer:
         partial_restore=True)))
     return out['state']['params']
 
+  def param_names(self, step: int | None = None) -> set[str]:
+    """The top-level names of the saved params (modules and parameters of the model)."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f'no checkpoint in {self.directory}')
+    return set(self._mngr.item_metadata(step)['state'].tree['params'])
+
+  def read_extra(self, step: int | None = None) -> dict[str, Any]:
+    """The JSON saved with `step` (default: the latest)."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f'no checkpoint in {self.directory}')
+    return self._mngr.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore()))['extra']
+
   def _check_shapes(self, step: int, abstract_state) -> None:
     stored = self._mngr.item_metadata(step)['state'].tree
     want = jax.tree_util.tree_flatten_with_path(abstract_state)[0]

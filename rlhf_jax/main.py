@@ -12,7 +12,7 @@ from rlhf_jax import trainer
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'experiment config file[:arg]', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'where checkpoints, metrics and reports go')
 
-STAGES = {'sft': trainer.train_sft}
+STAGES = {'sft': trainer.train_sft, 'rm': trainer.train_reward}
 
 
 def run(config, workdir: str):
@@ -26,6 +26,7 @@ def main(argv):
   del argv
   logging.basicConfig(format='%(asctime)s %(levelname)s %(message)s')
   logging.getLogger('rlhf_jax').setLevel(logging.INFO)
+  logging.getLogger('absl').setLevel(logging.WARNING)  # checkpoint I/O chatter
   try:
     run(_CONFIG.value, _WORKDIR.value)
   except trainer.Preempted as e:  # state saved: a clean exit, so the scheduler can restart us

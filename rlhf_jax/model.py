@@ -347,6 +347,12 @@ class Transformer(nn.Module):
     """Float32 scalar per position [...] from hidden states [..., D] (reward / value head)."""
     return jnp.einsum('...d,d->...', h.astype(jnp.float32), self.score_head.astype(jnp.float32))
 
+  def score_at(self, tokens, positions, mask, read_at, *, train=False):
+    """Float32 scalar [B] read at position read_at [B] of each row (a reward model's last real
+    token); the last block runs only there (see `trunk`)."""
+    h, _ = self.trunk(tokens, positions, mask, read_at=read_at, train=train)
+    return self.score(h)
+
   def __call__(self, tokens, positions=None, mask=None, *, segments=None, train=False):
     """Full forward: {'logits': [B, T, V]} and/or {'scores': [B, T]}, as the config asks."""
     h, _ = self.trunk(tokens, positions, mask, segments=segments, train=train)

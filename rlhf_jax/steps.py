@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rlhf_jax import losses, sharding
+from rlhf_jax import losses, reward, sharding
 from rlhf_jax import state as state_lib
 
 
@@ -43,10 +43,47 @@ def sft_eval(params, batch, *, model):
   return {'nll_sum': -(logp * m).sum(), 'tokens': m.sum()}
 
 
+def _flat_responses(batch):
+  """[B, K, ...] -> [B·K, ...]: every response of every prompt is one row of the model's batch."""
+  return {k: v.reshape(-1, *v.shape[2:]) for k, v in batch.items()}
+
+
+def reward_scores(params, batch, *, model, train=False, rngs=None):
+  """Raw rewards [B, K]: the scalar head at each response's last real token (batch['read_at']).
+  The model runs once per response (B·K rows), never once per pair."""
+  B, K = batch['read_at'].shape
+  f = _flat_responses({k: batch[k] for k in ('tokens', 'positions', 'mask', 'read_at')})
+  r = model.apply({'params': params}, f['tokens'], f['positions'], f['mask'], f['read_at'], train=train,
+                  rngs=rngs, method=model.score_at)
+  return r.reshape(B, K)
+
+
+def reward_step(state: state_lib.TrainState, batch, *, model, tx):
+  """One reward-model update on K-way rankings (InstructGPT eq. 1, `reward.ranking_loss`).
+
+  batch: tokens, positions, mask [B, K, T]; read_at, ranks, valid [B, K] (see
+  `pipeline.encode_ranking`). In the flat "shuffled pairs" ablation K = 2 and each element is one
+  pair.
+  """
+  def loss_fn(params):
+    r = reward_scores(params, batch, model=model, train=True, rngs={'dropout': state.key()})
+    loss, m = reward.ranking_loss(r, batch['ranks'], batch['valid'])
+    valid = batch['valid'].astype(jnp.float32)
+    m['score_mean'] = (r * valid).sum() / jnp.maximum(valid.sum(), 1.0)
+    return loss, m
+
+  (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grad_norm = optax.global_norm(grads)
+  new = state_lib.guarded_update(state, grads, tx, jnp.isfinite(loss) & jnp.isfinite(grad_norm))
+  return new, {'rm/loss': loss, 'rm/grad_norm': grad_norm, **{f'rm/{k}': v for k, v in m.items()}}
+
+
 def compile_step(step_fn, mesh, state_shardings, batch_keys, **statics):
   """jit(step) with statics bound, state donated, the batch sharded over (data, fsdp) and metrics
-  replicated. The model's activation constraints resolve against `mesh`."""
+  replicated. The model's activation constraints resolve against `mesh`. batch_keys: the batch's
+  keys (all [B, T]), or a dict key -> number of dimensions."""
   fn = sharding.under_rules(functools.partial(step_fn, **statics), mesh)
-  batch_sh = {k: sharding.batch_sharding(mesh) for k in batch_keys}
+  ndims = batch_keys if isinstance(batch_keys, dict) else dict.fromkeys(batch_keys, 2)
+  batch_sh = {k: sharding.batch_sharding(mesh, n) for k, n in ndims.items()}
   return jax.jit(fn, in_shardings=(state_shardings, batch_sh),
                  out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)

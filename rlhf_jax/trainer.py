@@ -7,6 +7,8 @@ params, optimizer, step and RNG, and the checkpoint's JSON holds the data-iterat
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import os
 import signal
@@ -17,8 +19,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
+from jax.experimental import multihost_utils
 
-from rlhf_jax import checkpoint, metrics, optim, sharding, steps, tokenizers
+from rlhf_jax import checkpoint, metrics, optim, reward, sharding, steps, tokenizers
 from rlhf_jax import model as model_lib
 from rlhf_jax import state as state_lib
 from rlhf_jax.data import datasets, pipeline
@@ -69,11 +72,104 @@ def check_finite(state, skip: bool):
   return state.replace(bad_step=jnp.full_like(state.bad_step, -1))
 
 
-def _params_from(path: str, abstract_params, shardings):
-  """Parameters of another run's checkpoint (a previous stage) onto this run's shardings."""
+def _params_from(path: str, abstract_params, shardings, fresh: tuple[str, ...] = ()):
+  """Parameters of another run's checkpoint (a previous stage) onto this run's shardings.
+
+  fresh: top-level parameters this model may lack in the checkpoint (the RM's new scalar head);
+  they are returned as None and keep their fresh initialisation. Any other missing parameter is
+  an error; checkpoint parameters this model does not have (the SFT model's LM head) are ignored.
+  """
   ckpt = checkpoint.Checkpointer(path, max_to_keep=None)
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_params, shardings)
-  return ckpt.restore_params(target)
+  stored = ckpt.param_names()
+  missing = sorted(set(abstract_params) - stored - set(fresh))
+  if missing:
+    raise ValueError(f'init.checkpoint={path}: has no parameters {missing}: it is not a checkpoint of this '
+                     f'model family (its parameters: {sorted(stored)})')
+  keep = [k for k in abstract_params if k in stored]
+  target = {k: jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            abstract_params[k], shardings[k]) for k in keep}
+  restored = ckpt.restore_params(target)
+  ignored = sorted(stored - set(abstract_params))
+  if ignored:
+    log.info('init.checkpoint: not used by this model: %s', ignored)
+  return restored
+
+
+def _restore_or_init(c, mesh, init_params, tx, ckpt, train_iter, fresh: tuple[str, ...] = ()):
+  """(state, shardings): the latest checkpoint of this run (with the data iterator's position),
+  else a new state, its params taken from `c.init.checkpoint` when one is given."""
+  abstract, shardings = state_lib.abstract(init_params, tx, mesh, c.seed)
+  if ckpt.latest_step() is not None:
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    state, extra = ckpt.restore(target)
+    train_iter.set_state(extra['data'])
+    log.info('restored step %d from %s', int(state.step), ckpt.directory)
+    return state, shardings
+  state, shardings = state_lib.create(init_params, tx, mesh, c.seed)
+  if c.init.checkpoint:
+    restored = _params_from(c.init.checkpoint, abstract.params, shardings.params, fresh)
+    state = state.replace(params={**state.params, **restored})
+    log.info('initialised params from %s%s', c.init.checkpoint,
+             f' (fresh: {sorted(set(fresh) - set(restored))})' if fresh else '')
+  return state, shardings
+
+
+def _loop(c, workdir: str, *, stage: str, state, step_fn, batches, mesh, ckpt, total: int, evaluate,
+          stop_after: int | None, finalize: Callable[[object], dict] | None = None) -> dict:
+  """The loop every stage shares: step, log every `train.log_every`, evaluate every
+  `train.eval_every` (and at step 0 and the end), checkpoint every `train.checkpoint_every`, and on
+  SIGTERM save and raise Preempted. `finalize(state)` runs once after the last step and returns
+  extra JSON saved with the final checkpoint (the RM's normalisation)."""
+  writer = metrics.Writer(workdir, stage=stage)
+  start = int(state.step)
+  pending, last_eval, final = [], {}, {}
+  if start == 0 and c.train.eval_every:  # the untrained (or initial) model's figures, at step 0
+    writer.write(0, evaluate(state.params))
+  bar = tqdm.tqdm(total=total, initial=start, desc=stage, disable=jax.process_index() != 0, dynamic_ncols=True)
+  lr = optim.schedule({**optim.DEFAULTS, **c.optim.to_dict()}, total)
+  with _SigtermFlag() as sigterm:
+    step = start
+    while step < total:
+      state, m = step_fn(state, sharding.shard_batch(next(batches), mesh))
+      step += 1
+      pending.append(m)
+      bar.update(1)
+      done = step == total
+      stop = not done and (sigterm.set or (stop_after is not None and step - start >= stop_after))
+      if step % c.train.log_every == 0 or done or stop:
+        state = check_finite(state, c.train.skip_nonfinite)
+        logged = metrics.fetch(pending)
+        pending = []
+        logged[f'{stage}/lr'] = float(lr(step - 1))
+        writer.write(step, logged)
+        bar.set_postfix(loss=f"{logged[f'{stage}/loss']:.3f}")
+      if (c.train.eval_every and step % c.train.eval_every == 0) or done:
+        last_eval = evaluate(state.params)
+        writer.write(step, last_eval)
+      if done and finalize is not None:
+        final = finalize(state)
+        writer.write(step, {f'{stage}/{k}': v for k, v in _scalars(final).items() if not k.startswith('model/')})
+      if step % c.train.checkpoint_every == 0 or done or stop:
+        ckpt.save(step, state, {'data': batches.get_state(), 'stage': stage, **final}, wait=done or stop)
+      if stop:
+        break
+  bar.close()
+  writer.close()
+  ckpt.wait()
+  if step < total and sigterm.set:
+    raise Preempted(f'SIGTERM at step {step}: saved to {ckpt.directory}; rerun to continue')
+  return {'step': step, **last_eval, **final}
+
+
+def _scalars(d: dict, prefix: str = '') -> dict:
+  """The numbers of a nested dict, flattened to 'a/b' keys (for the metrics file)."""
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_scalars(v, f'{prefix}{k}/'))
+    elif isinstance(v, (int, float)) and not isinstance(v, bool):
+      out[f'{prefix}{k}'] = v
+  return out
 
 
 def train_sft(c: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None) -> dict:
@@ -98,64 +194,17 @@ def train_sft(c: ml_collections.ConfigDict, workdir: str, *, stop_after: int | N
   tx = optim.make(c.optim.to_dict(), total)
   example = jnp.zeros((1, seq_len), jnp.int32)
   init_params = lambda key: model.init(key, example)['params']  # noqa: E731
-  abstract, shardings = state_lib.abstract(init_params, tx, mesh, c.seed)
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
   sources = [data['train']] + ([data['pretrain_train']] if c.data.pretrain_frac > 0 else [])
   weights = [1 - c.data.pretrain_frac, c.data.pretrain_frac] if len(sources) > 1 else None
   train_iter = iter(pipeline.train_batches(tok, sources, seq_len=seq_len, global_batch=c.train.batch_size,
                                            seed=c.seed, weights=weights, pack=c.data.pack))
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), max_to_keep=c.train.keep_checkpoints)
-  if ckpt.latest_step() is not None:
-    state, extra = ckpt.restore(target)
-    train_iter.set_state(extra['data'])
-    log.info('restored step %d from %s', int(state.step), ckpt.directory)
-  else:
-    state, _ = state_lib.create(init_params, tx, mesh, c.seed)
-    if c.init.checkpoint:
-      state = state.replace(params=_params_from(c.init.checkpoint, abstract.params, shardings.params))
-      log.info('initialised params from %s', c.init.checkpoint)
-
+  state, shardings = _restore_or_init(c, mesh, init_params, tx, ckpt, train_iter)
   step_fn = steps.compile_step(steps.sft_step, mesh, shardings, pipeline.FIELDS, model=model, tx=tx)
   evaluate = _sft_evaluator(c, model, tok, mesh, data)
-  writer = metrics.Writer(workdir, stage=c.get('stage', 'sft'))
-  start = int(state.step)
-  pending, last_eval = [], {}
-  if start == 0 and c.train.eval_every:  # the untrained (or initial) model's figures, at step 0
-    writer.write(0, evaluate(state.params))
-  bar = tqdm.tqdm(total=total, initial=start, desc='sft', disable=jax.process_index() != 0, dynamic_ncols=True)
-  with _SigtermFlag() as sigterm:
-    step = start
-    while step < total:
-      state, m = step_fn(state, sharding.shard_batch(next(train_iter), mesh))
-      step += 1
-      pending.append(m)
-      bar.update(1)
-      done = step == total
-      stop = sigterm.set or (stop_after is not None and step - start >= stop_after)
-      if step % c.train.log_every == 0 or done or stop:
-        state = check_finite(state, c.train.skip_nonfinite)
-        logged = metrics.fetch(pending)
-        pending = []
-        logged['sft/lr'] = float(optim.schedule({**optim.DEFAULTS, **c.optim.to_dict()}, total)(step - 1))
-        writer.write(step, logged)
-        bar.set_postfix(loss=f"{logged['sft/loss']:.3f}")
-      if (c.train.eval_every and step % c.train.eval_every == 0) or done:
-        last_eval = evaluate(state.params)
-        writer.write(step, last_eval)
-      if step % c.train.checkpoint_every == 0 or done or stop:
-        ckpt.save(step, state, {'data': train_iter.get_state(), 'stage': 'sft'}, wait=done or stop)
-      if stop and not done:
-        bar.close()
-        writer.close()
-        ckpt.wait()
-        if sigterm.set:
-          raise Preempted(f'SIGTERM at step {step}: saved to {ckpt.directory}; rerun to continue')
-        return {'step': step, **last_eval}
-  bar.close()
-  writer.close()
-  ckpt.wait()
-  return {'step': step, **last_eval}
+  return _loop(c, workdir, stage=c.get('stage', 'sft'), state=state, step_fn=step_fn, batches=train_iter,
+               mesh=mesh, ckpt=ckpt, total=total, evaluate=evaluate, stop_after=stop_after)
 
 
 def _sft_evaluator(c, model, tok, mesh, data) -> Callable[[object], dict]:
@@ -181,3 +230,158 @@ def _sft_evaluator(c, model, tok, mesh, data) -> Callable[[object], dict]:
       out['eval/gold_score'] = float(np.mean(gold(params)))
     return out
   return evaluate
+
+
+# ----------------------------------------------------------------------------
+# Reward model.
+
+
+def rm_model(c: ml_collections.ConfigDict) -> model_lib.Transformer:
+  """The RM: the LM trunk with a scalar head instead of the unembedding."""
+  return model_lib.Transformer(model_lib.ModelConfig.from_dict({**c.model.to_dict(), 'lm_head': False,
+                                                                'scalar_head': True}))
+
+
+def _rm_k_max(c, data) -> int:
+  """`data.k_max`, or (0) the largest K of the data; 2 in the flat pairs mode."""
+  if c.rm.mode == 'flat':
+    return 2
+  return c.data.k_max or max(len(r['responses']) for recs in data.values() for r in recs)
+
+
+def train_reward(c: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None) -> dict:
+  """Reward model on K-way rankings (InstructGPT §3.5): all C(K, 2) pairs of a prompt are one batch
+  element (`rm.mode='grouped'`), or each pair is its own shuffled example (`rm.mode='flat'`, the
+  ablation). Initialised from the SFT checkpoint `init.checkpoint` with a fresh scalar head. After
+  the last step the scores are normalised (`norm.mode`) and the constants saved with the final
+  checkpoint. Returns the final evaluation metrics and the normalisation.
+  """
+  if c.rm.mode not in ('grouped', 'flat'):
+    raise ValueError(f"rm.mode={c.rm.mode!r}; valid: 'grouped', 'flat'")
+  if c.norm.mode not in reward.NORM_MODES:
+    raise ValueError(f'norm.mode={c.norm.mode!r}; valid: {reward.NORM_MODES}')
+  mesh = sharding.make_mesh(**c.mesh.to_dict())
+  sharding.check_batch(c.train.batch_size, mesh, 'train.batch_size')
+  tok = tokenizers.from_config(c.tokenizer.to_dict())
+  model = rm_model(c)
+  data = datasets.rm_records(c)
+  k_max, seq_len = _rm_k_max(c, data), c.data.seq_len
+  train = pipeline.pairs_of(data['train']) if c.rm.mode == 'flat' else data['train']
+  for name, recs in data.items():
+    n = pipeline.ranking_truncation_count(tok, recs, seq_len)
+    if n:
+      log.warning('%s: %d responses are longer than data.seq_len=%d with their prompt and were truncated',
+                  name, n, seq_len)
+  over = sum(len(r['responses']) > k_max for r in train)
+  if over:
+    log.warning('%d rankings have more than data.k_max=%d responses: a random %d of each are kept', over, k_max, k_max)
+  per_epoch = max(len(train) // c.train.batch_size, 1)
+  total = c.train.steps or c.train.epochs * per_epoch
+  log.info('reward model: %d %s, K_max %d, %d steps', len(train),
+           'pairs' if c.rm.mode == 'flat' else 'rankings', k_max, total)
+  tx = optim.make(c.optim.to_dict(), total)
+  example = jnp.zeros((1, seq_len), jnp.int32)
+  init_params = lambda key: model.init(key, example)['params']  # noqa: E731
+  train_iter = iter(pipeline.ranking_batches(tok, train, seq_len=seq_len, k_max=k_max,
+                                             global_batch=c.train.batch_size, seed=c.seed))
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), max_to_keep=c.train.keep_checkpoints)
+  state, shardings = _restore_or_init(c, mesh, init_params, tx, ckpt, train_iter, fresh=('score_head',))
+  step_fn = steps.compile_step(steps.reward_step, mesh, shardings, pipeline.RANKING_FIELDS, model=model, tx=tx)
+  scorer = RewardScorer(model, tok, mesh, seq_len=seq_len, batch_size=c.train.eval_batch_size)
+  evaluate = _rm_evaluator(c, tok, scorer, data)
+  finalize = lambda state: {'norm': fit_rm_normalization(c, scorer, state.params, tok, mesh).to_dict(),  # noqa: E731
+                            'model': dataclasses.asdict(model.cfg)}
+  return _loop(c, workdir, stage='rm', state=state, step_fn=step_fn, batches=train_iter, mesh=mesh, ckpt=ckpt,
+               total=total, evaluate=evaluate, stop_after=stop_after, finalize=finalize)
+
+
+class RewardScorer:
+  """Raw RM scores of ranked groups, in record order, by one jitted function (any K_max)."""
+
+  def __init__(self, model, tok, mesh, *, seq_len: int, batch_size: int):
+    self.tok, self.mesh, self.seq_len = tok, mesh, seq_len
+    self.batch_size = batch_size
+    self._fn = jax.jit(sharding.under_rules(functools.partial(steps.reward_scores, model=model), mesh))
+
+  def __call__(self, params, records, k_max: int | None = None) -> list[np.ndarray]:
+    """One array per record: the scores of its responses (rank order, as given)."""
+    k_max = k_max or max(len(r['responses']) for r in records)
+    out = []
+    for b in pipeline.ranking_eval_batches(self.tok, records, seq_len=self.seq_len, k_max=k_max,
+                                           global_batch=self.batch_size):
+      s = multihost_utils.process_allgather(self._fn(params, sharding.shard_batch(b, self.mesh)), tiled=True)
+      out.extend(np.asarray(s, np.float64))
+    return [s[:min(len(r['responses']), k_max)] for s, r in zip(out, records)]
+
+  def texts(self, params, prompts: list[str], responses: list[str]) -> np.ndarray:
+    """Raw scores of single responses to their prompts."""
+    recs = [{'prompt': p, 'responses': [y]} for p, y in zip(prompts, responses)]
+    return np.concatenate(self(params, recs, 1)) if recs else np.zeros(0)
+
+
+LENGTH_EDGES = (0, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+def _rm_evaluator(c, tok, scorer: RewardScorer, data) -> Callable[[object], dict]:
+  """Held-out pairwise accuracy and eq. 1 log loss; on the embedded task also accuracy against the
+  held-out labeler's rankings of the same groups, agreement with the gold labeler on every pair it
+  does not tie, accuracy on the held-out family; and the mean score by response length (tokens)."""
+  valid = data['valid']
+  ranks = [np.arange(len(r['responses'])) for r in valid]
+  lengths = np.array([len(tok.encode(y)) for r in valid for y in r['responses']])
+  bucket = np.searchsorted(LENGTH_EDGES, lengths, side='right') - 1
+  gold = None
+  if 'raw_prompt' in valid[0]:
+    from rlhf_jax.data import synthetic
+    gold = [np.array([synthetic.gold_score(r['raw_prompt'], y) for y in r['responses']]) for r in valid]
+    hl = data['valid_heldout_labeler']
+    # The held-out labeler ranked the same responses: its ranks in the training labeler's order.
+    hl_ranks = [np.array([h['responses'].index(y) for y in r['responses']]) for r, h in zip(valid, hl)]
+
+  def evaluate(params):
+    scores = scorer(params, valid)
+    out = {f'eval/{k}': v for k, v in reward.pairwise_metrics(scores, ranks).items()}
+    flat = np.concatenate(scores)
+    out['eval/score_mean'], out['eval/score_std'] = float(flat.mean()), float(flat.std())
+    for b in np.unique(bucket):
+      hi = LENGTH_EDGES[b + 1] - 1 if b + 1 < len(LENGTH_EDGES) else 'inf'
+      out[f'eval/score_by_length/{LENGTH_EDGES[b]}-{hi}'] = float(flat[bucket == b].mean())
+    if gold is not None:
+      out['eval/heldout_labeler_accuracy'] = reward.pairwise_metrics(scores, hl_ranks)['accuracy']
+      # Gold "ranks": higher gold score is better; gold ties form no pair.
+      out['eval/gold_agreement'] = reward.pairwise_metrics(scores, [-g for g in gold])['accuracy']
+    if data.get('heldout'):
+      hs = scorer(params, data['heldout'])
+      out['eval/heldout_family_accuracy'] = reward.pairwise_metrics(
+          hs, [np.arange(len(s)) for s in hs])['accuracy']
+    return out
+  return evaluate
+
+
+def fit_rm_normalization(c, scorer: RewardScorer, params, tok, mesh) -> reward.Normalization:
+  """`norm.mode` 'demonstrations': a bias so that `norm.n` demonstrations score mean 0
+  (InstructGPT); 'reference': gain and bias so that samples of the reference policy
+  (`norm.policy_checkpoint`, default `init.checkpoint`) to `norm.n` prompts score mean 0, std 1."""
+  mode, n = c.norm.mode, c.norm.n
+  if mode == 'none':
+    return reward.Normalization()
+  if mode == 'demonstrations':
+    demos = datasets.demonstrations(c, n)
+    raw = scorer.texts(params, [d['prompt'] for d in demos], [d['response'] for d in demos])
+  else:
+    path = c.norm.policy_checkpoint or c.init.checkpoint
+    if not path:
+      raise ValueError("norm.mode='reference' needs a policy: set norm.policy_checkpoint (or init.checkpoint)")
+    policy = model_lib.Transformer(model_lib.ModelConfig.from_dict({**c.model.to_dict(), 'lm_head': True,
+                                                                    'scalar_head': False}))
+    example = jnp.zeros((1, c.data.seq_len), jnp.int32)
+    abstract, shardings = sharding.abstract_and_shardings(lambda k: policy.init(jax.random.key(k), example)['params'],
+                                                          mesh, 0)
+    pparams = _params_from(path, abstract, shardings)
+    prompts = datasets.normalization_prompts(c, n)
+    ys = datasets.policy_samples(c, policy, pparams, tok, mesh, prompts, temperature=c.norm.temperature,
+                                 seed=c.seed)
+    raw = scorer.texts(params, prompts, ys)
+  norm = reward.fit_normalization(raw, mode)
+  log.info('reward normalisation (%s, %d scores): gain %.4g, bias %.4g', mode, norm.n, norm.gain, norm.bias)
+  return norm

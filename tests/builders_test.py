@@ -423,3 +423,76 @@ def test_synthetic_builder_needs_no_files(tmp_path):
     assert recs[i]['prompt'] == synthetic.format_prompt(want[i]['prompt'])
     assert recs[i]['response'] == want[i]['response']
   assert list(tmp_path.rglob('*.array_record*'))
+
+
+@pytest.fixture(scope='module')
+def synthetic_dir(tmp_path_factory) -> Path:
+  """Both synthetic_rankings configs prepared once per test session (about 5 s each): under
+  pytest-xdist the workers share one folder, the first to take the lock prepares it."""
+  import fcntl
+  import os
+  import tensorflow_datasets as tfds
+  tfds.disable_progress_bar()
+  if 'PYTEST_XDIST_WORKER' not in os.environ:  # no xdist
+    out = tmp_path_factory.mktemp('synthetic')
+  else:  # the session's basetemp, shared by its workers (a fresh one per session)
+    out = tmp_path_factory.getbasetemp().parent / 'synthetic'
+    out.mkdir(exist_ok=True)
+  with open(out / '.lock', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    for config in ('train', 'heldout'):
+      builders.prepare(f'synthetic_rankings/{config}', None, out)  # no-op once prepared
+  return out
+
+
+def test_synthetic_rankings_equal_generator(synthetic_dir):
+  """The `train` split of synthetic_rankings/train is synthetic.comparisons('train'), record by
+  record, with formatted prompts."""
+  from rlhf_jax.data import synthetic
+  recs = builders.load('synthetic_rankings/train', 'train', data_dir=synthetic_dir)
+  assert len(recs) == synthetic.DEFAULT_CONFIG.n_comparisons
+  want = synthetic.comparisons('train', n=500)  # record i does not depend on n
+  assert recs[:len(want)] == [
+      {'prompt': synthetic.format_prompt(w['prompt']), 'responses': w['responses'],
+       'k': len(w['responses']), 'id': f'train-{i}', 'group': w['family']}
+      for i, w in enumerate(want)]
+  assert recs[-1]['id'] == f'train-{len(recs) - 1}'
+  assert all(len(builders.load('synthetic_rankings/train', s, data_dir=synthetic_dir))
+             == len(synthetic.comparisons(s)) for s in ('valid', 'test', 'heldout'))
+
+
+def test_synthetic_rankings_heldout_labeler_reorders_same_groups(synthetic_dir):
+  """Both labelers rank the very same groups (same prompts and response sets, record by
+  record), in a different order often enough to measure agreement on."""
+  sizes = {len(builders.load(f'synthetic_rankings/{c}', 'train', data_dir=synthetic_dir))
+           for c in ('train', 'heldout')}
+  assert len(sizes) == 1
+  part = 'train[:2000]'  # decoding costs ~0.2 ms a record: a fifth of the split is plenty
+  train = builders.load('synthetic_rankings/train', part, data_dir=synthetic_dir)[:]
+  held = builders.load('synthetic_rankings/heldout', part, data_dir=synthetic_dir)[:]
+  assert len(held) == len(train) == 2000
+  differ = 0
+  for a, b in zip(train, held):
+    assert (a['prompt'], a['id'], a['group'], a['k']) == (b['prompt'], b['id'], b['group'], b['k'])
+    assert sorted(a['responses']) == sorted(b['responses'])
+    differ += a['responses'] != b['responses']
+  assert 0.05 < differ / len(train) < 1, differ
+
+
+def test_synthetic_rankings_k_stats(synthetic_dir):
+  """reader_stats (saved with the data) hold each split's K distribution, as recounted from
+  the prepared records."""
+  from rlhf_jax.data import synthetic
+  stats = builders.builder('synthetic_rankings/train', synthetic_dir).info.metadata['reader_stats']
+  assert set(stats) == set(synthetic.SPLITS)
+  cfg = synthetic.DEFAULT_CONFIG
+  for split in synthetic.SPLITS:
+    src = builders.load('synthetic_rankings/train', split, data_dir=synthetic_dir)
+    recs = src.__getitems__(range(len(src)))  # batched: faster than one by one
+    ks = collections.Counter(r['k'] for r in recs)
+    assert all(r['k'] == len(r['responses']) for r in recs)
+    assert set(ks) <= set(range(cfg.k_min, cfg.k_max + 1)) and len(ks) > 1
+    assert stats[split] == {'rankings': len(recs), **{f'k={k}': n for k, n in ks.items()}}
+  # The held-out labeler ranks the same groups, so its K counts are the same.
+  held = builders.builder('synthetic_rankings/heldout', synthetic_dir).info.metadata
+  assert held['reader_stats'] == stats and held['labeler'] == 'heldout'

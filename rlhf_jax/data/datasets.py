@@ -71,3 +71,75 @@ def gold_sampler(c, model, tok: tokenizers.Tokenizer, mesh):
     toks = np.asarray(multihost_utils.process_allgather(out['tokens'], tiled=True))[:len(texts)]
     return [synthetic.gold_score(p, tok.decode(t)) for p, t in zip(texts, toks)]
   return scores
+
+
+def rm_records(c) -> dict[str, list[dict]]:
+  """Rankings {'prompt', 'responses' (best first)} for the reward model: 'train' and 'valid'.
+
+  On the embedded task also 'valid_heldout_labeler' (the very same candidate groups as 'valid',
+  ranked by the held-out labeler) and 'heldout' (prompts of the held-out family and templates);
+  these records carry 'raw_prompt' for the gold labeler.
+  """
+  d = c.data
+  if d.source != 'synthetic':
+    return {'train': _builder_records(c, d.source, 'train'), 'valid': _builder_records(c, d.source, d.valid_split)}
+  from rlhf_jax.data import synthetic
+
+  def fmt(recs):
+    return [{'prompt': synthetic.format_prompt(r['prompt']), 'raw_prompt': r['prompt'],
+             'responses': r['responses'], 'family': r['family']} for r in recs]
+  seed = c.task.seed
+  out = {'train': fmt(synthetic.comparisons('train', d.n_train or None, seed, synthetic.TRAIN_LABELER)),
+         'valid': fmt(synthetic.comparisons('valid', d.n_valid, seed, synthetic.TRAIN_LABELER)),
+         'valid_heldout_labeler': fmt(synthetic.comparisons('valid', d.n_valid, seed, synthetic.HELDOUT_LABELER))}
+  if d.n_heldout:
+    out['heldout'] = fmt(synthetic.comparisons('heldout', d.n_heldout, seed, synthetic.TRAIN_LABELER))
+  return out
+
+
+def demonstrations(c, n: int) -> list[dict]:
+  """n demonstrations {'prompt', 'response'} (the RM's normalisation set): the embedded task's
+  validation demonstrations, or the first n of `norm.demo_source`'s train split."""
+  if c.data.source == 'synthetic':
+    from rlhf_jax.data import synthetic
+    return [dict(r, prompt=synthetic.format_prompt(r['prompt']))
+            for r in synthetic.sft_examples('valid', n, c.task.seed)]
+  from rlhf_jax.data import builders
+  recs = builders.load(c.norm.demo_source, 'train', manual_dir=c.data.manual_dir, data_dir=c.data.data_dir)
+  return [recs[i] for i in range(min(n, len(recs)))]
+
+
+def policy_samples(c, policy, params, tok: tokenizers.Tokenizer, mesh, prompts: list[str], *,
+                   temperature: float, seed: int) -> list[str]:
+  """Responses (text, cut at EOS) of a policy to formatted prompts, sampled in one batch per
+  `train.eval_batch_size` prompts (the RM's 'reference' normalisation set)."""
+  n_proc, unit = jax.process_count(), math.lcm(mesh.shape['data'] * mesh.shape['fsdp'], jax.process_count())
+  scfg = sampling.SampleConfig(max_new_tokens=c.eval.gen_len, temperature=temperature, eos_id=tok.eos_id,
+                               pad_id=tok.pad_id, vocab_size=tok.vocab_size)
+  gen = jax.jit(sharding.under_rules(functools.partial(sampling.generate, model=policy, cfg=scfg), mesh))
+  size = max(c.train.eval_batch_size // unit, 1) * unit
+  out = []
+  for start in range(0, len(prompts), size):
+    chunk = prompts[start:start + size]
+    chunk = chunk + [chunk[0]] * (size - len(chunk))
+    per = size // n_proc
+    mine = chunk[jax.process_index() * per:(jax.process_index() + 1) * per]
+    ids, mask = tokenizers.encode_batch(tok, mine, c.eval.prompt_len, pad_left=True, truncate=True,
+                                        add_bos=tok.bos_id is not None)
+    batch = sharding.shard_batch({'ids': ids, 'mask': mask}, mesh)
+    res = gen(params, batch['ids'], batch['mask'], jax.random.fold_in(jax.random.key(seed), start))
+    toks = np.asarray(multihost_utils.process_allgather(res['tokens'], tiled=True))
+    for t in toks[:len(prompts) - start]:
+      t = t.tolist()
+      out.append(tok.decode(t[:t.index(tok.eos_id)] if tok.eos_id in t else t))
+  return out
+
+
+def normalization_prompts(c, n: int) -> list[str]:
+  """n formatted prompts for the reference policy's samples: the embedded task's validation
+  prompts, or the distinct prompts of the ranking data's train split."""
+  if c.data.source == 'synthetic':
+    from rlhf_jax.data import synthetic
+    return [synthetic.format_prompt(p['prompt']) for p in synthetic.prompts('valid', n, c.task.seed)]
+  seen = dict.fromkeys(r['prompt'] for r in _builder_records(c, c.data.source, 'train'))
+  return list(seen)[:n]

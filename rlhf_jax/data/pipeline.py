@@ -13,6 +13,8 @@ Batches are dicts of int32 [B, T] arrays, the model's inputs:
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import zlib
 from typing import Any, Mapping, Sequence
 
 import grain
@@ -133,3 +135,83 @@ def eval_batches(tok, records: Sequence[Mapping[str, Any]], *, seq_len: int, glo
   examples += [empty] * (n_batches * rows - len(examples))
   for i in range(0, len(examples), rows):
     yield {k: np.stack([e[k] for e in examples[i:i + rows]]) for k in FIELDS}
+
+
+# ----------------------------------------------------------------------------
+# Rankings (reward model): one batch element per prompt, its responses padded to K_max.
+
+RANKING_FIELDS = {'tokens': 3, 'mask': 3, 'positions': 3, 'read_at': 2, 'ranks': 2, 'valid': 2}
+
+
+def _subset(record: Mapping[str, Any], k_max: int) -> list[int]:
+  """Which responses a ranking of more than k_max keeps: a random subset (seeded by the prompt and
+  responses, so the same record always keeps the same ones), in rank order."""
+  k = len(record['responses'])
+  if k <= k_max:
+    return list(range(k))
+  h = zlib.crc32(('\x00'.join([record['prompt'], *record['responses']])).encode('utf-8'))
+  return sorted(np.random.default_rng(h).choice(k, k_max, replace=False).tolist())
+
+
+def encode_ranking(tok: tokenizers.Tokenizer, record: Mapping[str, Any], seq_len: int, k_max: int) -> dict:
+  """One ranked group {'prompt', 'responses' (best first)[, 'ranks']} -> arrays of K_max slots:
+  tokens, mask, positions [K_max, T], each response [bos] prompt response [eos] right-padded
+  (truncated as `encode_demo`); read_at [K_max], the index of its last real token; ranks [K_max]
+  (the given ranks, else 0..k-1; equal ranks are ties and form no pair); valid [K_max]."""
+  keep = _subset(record, k_max)
+  ranks = record.get('ranks') or list(range(len(record['responses'])))
+  out = {k: np.zeros((k_max, seq_len) if n == 3 else (k_max,), np.int32) for k, n in RANKING_FIELDS.items()}
+  for slot, i in enumerate(keep):
+    e = encode_demo(tok, record['prompt'], record['responses'][i], seq_len)
+    n = len(e.tokens)
+    out['tokens'][slot, :n] = e.tokens
+    out['mask'][slot, :n] = 1
+    out['positions'][slot, :n] = np.arange(n)
+    out['read_at'][slot] = n - 1
+    out['ranks'][slot] = ranks[i]
+    out['valid'][slot] = 1
+  return out
+
+
+def ranking_truncation_count(tok, records: Sequence[Mapping[str, Any]], seq_len: int) -> int:
+  """How many responses (over all rankings) are longer than seq_len with their prompt."""
+  return sum(encode_demo(tok, r['prompt'], y, seq_len).truncated for r in records for y in r['responses'])
+
+
+def pairs_of(records: Sequence[Mapping[str, Any]]) -> list[dict]:
+  """The flat "shuffled pairs" ablation's data: every (better, worse) pair of every ranking as a
+  K = 2 record of its own (InstructGPT §3.5 contrasts this with one element per prompt)."""
+  out = []
+  for r in records:
+    ranks = r.get('ranks') or list(range(len(r['responses'])))
+    for i, j in itertools.permutations(range(len(ranks)), 2):
+      if ranks[i] < ranks[j]:
+        out.append({'prompt': r['prompt'], 'responses': [r['responses'][i], r['responses'][j]]})
+  return out
+
+
+def ranking_batches(tok, records: Sequence[Mapping[str, Any]], *, seq_len: int, k_max: int,
+                    global_batch: int, seed: int) -> grain.IterDataset:
+  """An endless, shuffled (reshuffled every epoch) stream of this host's rows of each global batch
+  of rankings (`encode_ranking`); checkpointable like `train_batches`."""
+  n_proc = jax.process_count()
+  if global_batch % n_proc:
+    raise ValueError(f'batch_size={global_batch} is not divisible by the {n_proc} processes')
+  ds = _host_slice(records).seed(seed).shuffle().repeat()
+  ds = ds.map(lambda r: encode_ranking(tok, r, seq_len, k_max)).to_iter_dataset()
+  return ds.batch(global_batch // n_proc, drop_remainder=True)
+
+
+def ranking_eval_batches(tok, records: Sequence[Mapping[str, Any]], *, seq_len: int, k_max: int,
+                         global_batch: int):
+  """One ordered pass: global batch i holds records [i·G, (i+1)·G), this host yielding its block of
+  rows, so gathered outputs come back in record order. The last batch is filled up with empty
+  elements (valid 0: no pair, no score)."""
+  n_proc, pid = jax.process_count(), jax.process_index()
+  rows = global_batch // n_proc
+  empty = {k: np.zeros((k_max, seq_len) if n == 3 else (k_max,), np.int32) for k, n in RANKING_FIELDS.items()}
+  for start in range(0, max(len(records), 1), global_batch):
+    chunk = records[start + pid * rows:start + (pid + 1) * rows]
+    examples = [encode_ranking(tok, r, seq_len, k_max) for r in chunk]
+    examples += [empty] * (rows - len(examples))
+    yield {k: np.stack([e[k] for e in examples]) for k in RANKING_FIELDS}
