@@ -168,13 +168,16 @@ class Attention(nn.Module):
       q = jnp.take_along_axis(q, read_at[:, None, None, None, None], axis=1)  # [B, 1, Hkv, G, Dh]
       query_slots = jnp.take_along_axis(query_slots, read_at[:, None], axis=1)   # [B, 1]
     S = k.shape[2]
-    logits = jnp.einsum('bthgk,bhsk->bhgts', q, k, preferred_element_type=jnp.float32)  # [B,Hkv,G,T,S]
-    logits *= Dh ** -0.5
+    # The 1/sqrt(Dh) scale goes on q (half the size of the logits when T = S).
+    logits = jnp.einsum('bthgk,bhsk->bhgts', q * jnp.asarray(Dh ** -0.5, q.dtype), k,
+                        preferred_element_type=jnp.float32)                  # [B, Hkv, G, T, S]
     visible = (jnp.arange(S) <= query_slots[..., None]) & key_mask[:, None, :].astype(bool)  # [B, T, S]
     if segments is not None:  # packed rows: a token sees only its own document
       seg_q = segments if read_at is None else jnp.take_along_axis(segments, read_at[:, None], axis=1)
       visible &= seg_q[:, :, None] == segments[:, None, :]
-    logits = jnp.where(visible[:, None, None], logits, _NEG)
+    # An additive mask rather than a select: its gradient needs no copy of the mask broadcast to
+    # the logits' shape (masked probabilities are exactly 0, so their gradient is too).
+    logits += jnp.where(visible, 0.0, _NEG)[:, None, None]
     probs = jax.nn.softmax(logits, axis=-1).astype(dt)
     out = jnp.einsum('bhgts,bhsk->bthgk', probs, v).reshape(q.shape[:2] + (H, Dh))  # [B, T, H, Dh]
     out = _constrain(out, ('batch', 'length', 'heads', 'kv'))
