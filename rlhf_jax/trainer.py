@@ -385,3 +385,21 @@ def fit_rm_normalization(c, scorer: RewardScorer, params, tok, mesh) -> reward.N
   norm = reward.fit_normalization(raw, mode)
   log.info('reward normalisation (%s, %d scores): gain %.4g, bias %.4g', mode, norm.n, norm.gain, norm.bias)
   return norm
+
+
+def load_reward_model(path: str, mesh=None):
+  """(model, params, normalization) of a finished RM run's checkpoints directory: the model's shape
+  and the normalisation come from the final checkpoint's JSON, the params onto `mesh` (default: all
+  devices on the data axis). Score with `normalization.apply(RewardScorer(...)(params, records))`."""
+  ckpt = checkpoint.Checkpointer(path, max_to_keep=None)
+  extra = ckpt.read_extra()
+  if 'model' not in extra:
+    raise ValueError(f'{path}: the latest checkpoint has no model shape in its JSON; it is not a finished '
+                     'reward-model run (train it to the end first)')
+  model = model_lib.Transformer(model_lib.ModelConfig.from_dict(extra['model']))
+  mesh = mesh or sharding.make_mesh()
+  example = jnp.zeros((1, 8), jnp.int32)
+  abstract, shardings = sharding.abstract_and_shardings(lambda k: model.init(jax.random.key(k), example)['params'],
+                                                        mesh, 0)
+  params = _params_from(path, abstract, shardings)
+  return model, params, reward.Normalization.from_dict(extra.get('norm'))

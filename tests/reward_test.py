@@ -256,8 +256,9 @@ def test_saved_normalisation_gives_demonstrations_mean_zero(uninterrupted):
   assert norm.mode == 'demonstrations' and norm.n == c.norm.n and norm.gain == 1.0
   assert extra['model']['scalar_head'] and not extra['model']['lm_head']
   mesh = sharding.make_mesh(data=8)
-  scorer = trainer.RewardScorer(trainer.rm_model(c), TOK, mesh, seq_len=c.data.seq_len, batch_size=16)
-  params = ckpt.read_state()['params']
+  model, params, loaded = trainer.load_reward_model(f'{full_dir}/checkpoints', mesh)
+  assert loaded == norm and model.cfg == trainer.rm_model(c).cfg
+  scorer = trainer.RewardScorer(model, TOK, mesh, seq_len=c.data.seq_len, batch_size=16)
   demos = datasets.demonstrations(c, c.norm.n)
   raw = scorer.texts(params, [d['prompt'] for d in demos], [d['response'] for d in demos])
   assert abs(raw.mean()) > 1e-3                    # the raw scores were not centred already
