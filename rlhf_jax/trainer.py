@@ -72,11 +72,22 @@ def check_finite(state, skip: bool):
   return state.replace(bad_step=jnp.full_like(state.bad_step, -1))
 
 
+def _target(abstract, shardings):
+  """Shapes with their target shardings: what a restore places each array onto."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def _abstract_params(model, mesh):
+  """(shapes, shardings) of `model`'s params on `mesh`, nothing allocated."""
+  example = jnp.zeros((1, 8), jnp.int32)
+  return sharding.abstract_and_shardings(lambda k: model.init(jax.random.key(k), example)['params'], mesh, 0)
+
+
 def _params_from(path: str, abstract_params, shardings, fresh: tuple[str, ...] = ()):
   """Parameters of another run's checkpoint (a previous stage) onto this run's shardings.
 
   fresh: top-level parameters this model may lack in the checkpoint (the RM's new scalar head);
-  they are returned as None and keep their fresh initialisation. Any other missing parameter is
+  they are left out of the result and keep their fresh initialisation. Any other missing parameter is
   an error; checkpoint parameters this model does not have (the SFT model's LM head) are ignored.
   """
   ckpt = checkpoint.Checkpointer(path, max_to_keep=None)
@@ -86,8 +97,7 @@ def _params_from(path: str, abstract_params, shardings, fresh: tuple[str, ...] =
     raise ValueError(f'init.checkpoint={path}: has no parameters {missing}: it is not a checkpoint of this '
                      f'model family (its parameters: {sorted(stored)})')
   keep = [k for k in abstract_params if k in stored]
-  target = {k: jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            abstract_params[k], shardings[k]) for k in keep}
+  target = {k: _target(abstract_params[k], shardings[k]) for k in keep}
   restored = ckpt.restore_params(target)
   ignored = sorted(stored - set(abstract_params))
   if ignored:
@@ -100,8 +110,7 @@ def _restore_or_init(c, mesh, init_params, tx, ckpt, train_iter, fresh: tuple[st
   else a new state, its params taken from `c.init.checkpoint` when one is given."""
   abstract, shardings = state_lib.abstract(init_params, tx, mesh, c.seed)
   if ckpt.latest_step() is not None:
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    state, extra = ckpt.restore(target)
+    state, extra = ckpt.restore(_target(abstract, shardings))
     train_iter.set_state(extra['data'])
     log.info('restored step %d from %s', int(state.step), ckpt.directory)
     return state, shardings
@@ -372,11 +381,8 @@ def fit_rm_normalization(c, scorer: RewardScorer, params, tok, mesh) -> reward.N
     path = c.norm.policy_checkpoint or c.init.checkpoint
     if not path:
       raise ValueError("norm.mode='reference' needs a policy: set norm.policy_checkpoint (or init.checkpoint)")
-    policy = model_lib.Transformer(model_lib.ModelConfig.from_dict({**c.model.to_dict(), 'lm_head': True,
-                                                                    'scalar_head': False}))
-    example = jnp.zeros((1, c.data.seq_len), jnp.int32)
-    abstract, shardings = sharding.abstract_and_shardings(lambda k: policy.init(jax.random.key(k), example)['params'],
-                                                          mesh, 0)
+    policy = build_model(c)                  # the SFT policy's shape: c.model, with its LM head
+    abstract, shardings = _abstract_params(policy, mesh)
     pparams = _params_from(path, abstract, shardings)
     prompts = datasets.normalization_prompts(c, n)
     ys = datasets.policy_samples(c, policy, pparams, tok, mesh, prompts, temperature=c.norm.temperature,
@@ -398,8 +404,6 @@ def load_reward_model(path: str, mesh=None):
                      'reward-model run (train it to the end first)')
   model = model_lib.Transformer(model_lib.ModelConfig.from_dict(extra['model']))
   mesh = mesh or sharding.make_mesh()
-  example = jnp.zeros((1, 8), jnp.int32)
-  abstract, shardings = sharding.abstract_and_shardings(lambda k: model.init(jax.random.key(k), example)['params'],
-                                                        mesh, 0)
+  abstract, shardings = _abstract_params(model, mesh)
   params = _params_from(path, abstract, shardings)
   return model, params, reward.Normalization.from_dict(extra.get('norm'))

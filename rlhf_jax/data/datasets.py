@@ -51,25 +51,12 @@ def gold_sampler(c, model, tok: tokenizers.Tokenizer, mesh):
   if c.data.source != 'synthetic' or not c.eval.gold_prompts:
     return None
   from rlhf_jax.data import synthetic
-  prompts = synthetic.prompts('valid', c.eval.gold_prompts, c.task.seed)
-  texts = [p['prompt'] for p in prompts]
-  # Pad the list to a multiple of the batch axes and of the processes; each process holds one
-  # contiguous block, and the gathered tokens come back in prompt order.
-  n_proc, unit = jax.process_count(), math.lcm(mesh.shape['data'] * mesh.shape['fsdp'], jax.process_count())
-  padded = texts + [texts[0]] * (-len(texts) % unit)
-  per = len(padded) // n_proc
-  mine = [synthetic.format_prompt(t) for t in padded[jax.process_index() * per:(jax.process_index() + 1) * per]]
-  ids, mask = tokenizers.encode_batch(tok, mine, c.eval.prompt_len, pad_left=True, truncate=True,
-                                      add_bos=tok.bos_id is not None)
-  scfg = sampling.SampleConfig(max_new_tokens=c.eval.gen_len, temperature=0.0, eos_id=tok.eos_id,
-                               pad_id=tok.pad_id, vocab_size=tok.vocab_size)
-  gen = jax.jit(sharding.under_rules(functools.partial(sampling.generate, model=model, cfg=scfg), mesh))
-  batch = sharding.shard_batch({'ids': ids, 'mask': mask}, mesh)
+  texts = [p['prompt'] for p in synthetic.prompts('valid', c.eval.gold_prompts, c.task.seed)]
+  formatted = [synthetic.format_prompt(t) for t in texts]
+  sample = make_sampler(c, model, tok, mesh, temperature=0.0)
 
   def scores(params):
-    out = gen(params, batch['ids'], batch['mask'], jax.random.key(0))
-    toks = np.asarray(multihost_utils.process_allgather(out['tokens'], tiled=True))[:len(texts)]
-    return [synthetic.gold_score(p, tok.decode(t)) for p, t in zip(texts, toks)]
+    return [synthetic.gold_score(p, y) for p, y in zip(texts, sample(params, formatted, seed=0))]
   return scores
 
 
@@ -109,30 +96,41 @@ def demonstrations(c, n: int) -> list[dict]:
   return [recs[i] for i in range(min(n, len(recs)))]
 
 
-def policy_samples(c, policy, params, tok: tokenizers.Tokenizer, mesh, prompts: list[str], *,
-                   temperature: float, seed: int) -> list[str]:
-  """Responses (text, cut at EOS) of a policy to formatted prompts, sampled in one batch per
-  `train.eval_batch_size` prompts (the RM's 'reference' normalisation set)."""
+def make_sampler(c, model, tok: tokenizers.Tokenizer, mesh, *, temperature: float):
+  """A function (params, formatted prompts, seed) -> responses (text, cut at EOS) of `model`,
+  `eval.gen_len` new tokens from the last `eval.prompt_len` prompt tokens, in batches of
+  `train.eval_batch_size` (rounded to the batch axes and processes). Every process passes all the
+  prompts; each encodes its own block of every batch, and the answers come back in prompt order.
+  Compiled once per batch shape."""
   n_proc, unit = jax.process_count(), math.lcm(mesh.shape['data'] * mesh.shape['fsdp'], jax.process_count())
   scfg = sampling.SampleConfig(max_new_tokens=c.eval.gen_len, temperature=temperature, eos_id=tok.eos_id,
                                pad_id=tok.pad_id, vocab_size=tok.vocab_size)
-  gen = jax.jit(sharding.under_rules(functools.partial(sampling.generate, model=policy, cfg=scfg), mesh))
+  gen = jax.jit(sharding.under_rules(functools.partial(sampling.generate, model=model, cfg=scfg), mesh))
   size = max(c.train.eval_batch_size // unit, 1) * unit
-  out = []
-  for start in range(0, len(prompts), size):
-    chunk = prompts[start:start + size]
-    chunk = chunk + [chunk[0]] * (size - len(chunk))
-    per = size // n_proc
-    mine = chunk[jax.process_index() * per:(jax.process_index() + 1) * per]
-    ids, mask = tokenizers.encode_batch(tok, mine, c.eval.prompt_len, pad_left=True, truncate=True,
-                                        add_bos=tok.bos_id is not None)
-    batch = sharding.shard_batch({'ids': ids, 'mask': mask}, mesh)
-    res = gen(params, batch['ids'], batch['mask'], jax.random.fold_in(jax.random.key(seed), start))
-    toks = np.asarray(multihost_utils.process_allgather(res['tokens'], tiled=True))
-    for t in toks[:len(prompts) - start]:
-      t = t.tolist()
-      out.append(tok.decode(t[:t.index(tok.eos_id)] if tok.eos_id in t else t))
-  return out
+
+  def sample(params, prompts: list[str], seed: int) -> list[str]:
+    out = []
+    for start in range(0, len(prompts), size):
+      chunk = prompts[start:start + size]
+      n = min(size, -(-len(chunk) // unit) * unit)   # a short last batch pads only to the unit
+      chunk = chunk + [chunk[0]] * (n - len(chunk))
+      per = n // n_proc
+      mine = chunk[jax.process_index() * per:(jax.process_index() + 1) * per]
+      ids, mask = tokenizers.encode_batch(tok, mine, c.eval.prompt_len, pad_left=True, truncate=True,
+                                          add_bos=tok.bos_id is not None)
+      batch = sharding.shard_batch({'ids': ids, 'mask': mask}, mesh)
+      res = gen(params, batch['ids'], batch['mask'], jax.random.fold_in(jax.random.key(seed), start))
+      toks = np.asarray(multihost_utils.process_allgather(res['tokens'], tiled=True))
+      for t in toks[:len(prompts) - start].tolist():
+        out.append(tok.decode(t[:t.index(tok.eos_id)] if tok.eos_id in t else t))
+    return out
+  return sample
+
+
+def policy_samples(c, policy, params, tok: tokenizers.Tokenizer, mesh, prompts: list[str], *,
+                   temperature: float, seed: int) -> list[str]:
+  """Responses of a policy to formatted prompts (the RM's 'reference' normalisation set)."""
+  return make_sampler(c, policy, tok, mesh, temperature=temperature)(params, prompts, seed)
 
 
 def normalization_prompts(c, n: int) -> list[str]:

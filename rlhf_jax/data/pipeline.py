@@ -13,7 +13,6 @@ Batches are dicts of int32 [B, T] arrays, the model's inputs:
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import zlib
 from typing import Any, Mapping, Sequence
 
@@ -22,7 +21,7 @@ import grain.experimental as grain_exp
 import jax
 import numpy as np
 
-from rlhf_jax import tokenizers
+from rlhf_jax import reward, tokenizers
 
 FIELDS = ('tokens', 'mask', 'positions', 'segments', 'loss_mask')
 
@@ -184,9 +183,8 @@ def pairs_of(records: Sequence[Mapping[str, Any]]) -> list[dict]:
   out = []
   for r in records:
     ranks = r.get('ranks') or list(range(len(r['responses'])))
-    for i, j in itertools.permutations(range(len(ranks)), 2):
-      if ranks[i] < ranks[j]:
-        out.append({'prompt': r['prompt'], 'responses': [r['responses'][i], r['responses'][j]]})
+    for i, j in reward.pairs_of(ranks):
+      out.append({'prompt': r['prompt'], 'responses': [r['responses'][i], r['responses'][j]]})
   return out
 
 
