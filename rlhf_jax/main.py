@@ -12,7 +12,7 @@ from rlhf_jax import trainer
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'experiment config file[:arg]', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'where checkpoints, metrics and reports go')
 
-STAGES = {'sft': trainer.train_sft, 'rm': trainer.train_reward}
+STAGES = {'sft': trainer.train_sft, 'rm': trainer.train_reward, 'ppo': trainer.train_ppo}
 
 
 def run(config, workdir: str):

@@ -53,13 +53,18 @@ def abstract(init_params: Callable[[jax.Array], Any], tx: optax.GradientTransfor
   return sharding.abstract_and_shardings(_init(init_params, tx), mesh, seed)
 
 
+def apply_if_finite(params, opt_state, grads, tx, finite):
+  """(params, opt_state) after one optimizer step if `finite`, else unchanged."""
+  updates, new_opt_state = tx.update(grads, opt_state, params)
+  new_params = optax.apply_updates(params, updates)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+  return keep(new_params, params), keep(new_opt_state, opt_state)
+
+
 def guarded_update(state: TrainState, grads, tx, finite) -> TrainState:
   """Apply one optimizer step if `finite`; otherwise keep params and optimizer state unchanged
   and record the step in `bad_step` (the loop stops, or skips if configured). Never lets a NaN
   into the parameters."""
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  new_params = optax.apply_updates(state.params, updates)
-  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+  params, opt_state = apply_if_finite(state.params, state.opt_state, grads, tx, finite)
   bad = jnp.where(finite | (state.bad_step >= 0), state.bad_step, state.step)
-  return state.replace(step=state.step + 1, params=keep(new_params, state.params),
-                       opt_state=keep(opt_state, state.opt_state), bad_step=bad)
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state, bad_step=bad)

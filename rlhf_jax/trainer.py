@@ -21,7 +21,7 @@ import numpy as np
 import tqdm
 from jax.experimental import multihost_utils
 
-from rlhf_jax import checkpoint, metrics, optim, reward, sharding, steps, tokenizers
+from rlhf_jax import checkpoint, metrics, optim, ppo, reward, sharding, steps, tokenizers
 from rlhf_jax import model as model_lib
 from rlhf_jax import state as state_lib
 from rlhf_jax.data import datasets, pipeline
@@ -124,18 +124,22 @@ def _restore_or_init(c, mesh, init_params, tx, ckpt, train_iter, fresh: tuple[st
 
 
 def _loop(c, workdir: str, *, stage: str, state, step_fn, batches, mesh, ckpt, total: int, evaluate,
-          stop_after: int | None, finalize: Callable[[object], dict] | None = None) -> dict:
+          stop_after: int | None, finalize: Callable[[object], dict] | None = None,
+          eval_params: Callable[[object], object] = lambda state: state.params,
+          lr: Callable[[int], float] | None = None) -> dict:
   """The loop every stage shares: step, log every `train.log_every`, evaluate every
   `train.eval_every` (and at step 0 and the end), checkpoint every `train.checkpoint_every`, and on
   SIGTERM save and raise Preempted. `finalize(state)` runs once after the last step and returns
-  extra JSON saved with the final checkpoint (the RM's normalisation)."""
+  extra JSON saved with the final checkpoint (the RM's normalisation). `evaluate` gets
+  `eval_params(state)` (PPO: the EMA of the policy); `lr(step)` is the logged learning rate
+  (default: `config.optim`'s schedule over the loop's steps)."""
   writer = metrics.Writer(workdir, stage=stage)
   start = int(state.step)
   pending, last_eval, final = [], {}, {}
   if start == 0 and c.train.eval_every:  # the untrained (or initial) model's figures, at step 0
-    writer.write(0, evaluate(state.params))
+    writer.write(0, evaluate(eval_params(state)))
   bar = tqdm.tqdm(total=total, initial=start, desc=stage, disable=jax.process_index() != 0, dynamic_ncols=True)
-  lr = optim.schedule({**optim.DEFAULTS, **c.optim.to_dict()}, total)
+  lr = lr or optim.schedule({**optim.DEFAULTS, **c.optim.to_dict()}, total)
   with _SigtermFlag() as sigterm:
     step = start
     while step < total:
@@ -153,7 +157,7 @@ def _loop(c, workdir: str, *, stage: str, state, step_fn, batches, mesh, ckpt, t
         writer.write(step, logged)
         bar.set_postfix(loss=f"{logged[f'{stage}/loss']:.3f}")
       if (c.train.eval_every and step % c.train.eval_every == 0) or done:
-        last_eval = evaluate(state.params)
+        last_eval = evaluate(eval_params(state))
         writer.write(step, last_eval)
       if done and finalize is not None:
         final = finalize(state)
@@ -407,3 +411,129 @@ def load_reward_model(path: str, mesh=None):
   abstract, shardings = _abstract_params(model, mesh)
   params = _params_from(path, abstract, shardings)
   return model, params, reward.Normalization.from_dict(extra.get('norm'))
+
+
+# ----------------------------------------------------------------------------
+# PPO.
+
+
+def _fresh_copy(tree):
+  """A copy in new buffers (the PPO state is donated every iteration; the reference and the EMA
+  must not share its buffers)."""
+  return jax.tree.map(lambda x: x + jnp.zeros((), x.dtype), tree)
+
+
+def ppo_models(c, tok, mesh) -> tuple[ppo.Models, ppo.PPOConfig, object, reward.Normalization]:
+  """(models, ppo config, RM params, RM normalisation): the policy (c.model; with a zero-initialised
+  scalar head in the 'shared' value mode), the reference (the policy's shape without a head), the
+  frozen RM and the value network (the RM's shape) from `init.reward_checkpoint`."""
+  cfg = ppo.PPOConfig.from_dict(c.ppo.to_dict())
+  if not c.init.reward_checkpoint:
+    raise ValueError('init.reward_checkpoint is empty: PPO needs a trained reward model (an RM run\'s checkpoints/)')
+  rm, rm_params, norm = load_reward_model(c.init.reward_checkpoint, mesh)
+  shared = cfg.value_model == 'shared'
+  ref = build_model(c)
+  policy = model_lib.Transformer(ref.cfg.replace(scalar_head=True)) if shared else ref
+  stop_id = tok.eos_id if cfg.stop_token < 0 else cfg.stop_token
+  models = ppo.Models(policy=policy, value=None if shared else rm, reward=rm, reference=ref,
+                      reward_gain=norm.gain, reward_bias=norm.bias, vocab_size=tok.vocab_size, stop_id=stop_id)
+  return models, cfg, rm_params, norm
+
+
+def train_ppo(c: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None) -> dict:
+  """PPO (or PPO-ptx, `ppo.ptx_coef` > 0) on prompts of `data.source` (InstructGPT §3.5): the policy
+  and its frozen reference from the SFT checkpoint `init.checkpoint`, the frozen RM (with its
+  normalisation) and the value network from `init.reward_checkpoint` (or `init.value_checkpoint`).
+  `train.steps` iterations of `train.batch_size` episodes; each is one rollout, one scoring pass and
+  one update (all jitted). Evaluates the EMA of the policy's weights. Returns the final metrics."""
+  if not c.init.checkpoint:
+    raise ValueError('init.checkpoint is empty: PPO starts from an SFT run\'s checkpoints/')
+  mesh = sharding.make_mesh(**c.mesh.to_dict())
+  tok = tokenizers.from_config(c.tokenizer.to_dict())
+  models, cfg, rm_params, _ = ppo_models(c, tok, mesh)
+  B, mbs = c.train.batch_size, cfg.minibatches
+  sharding.check_batch(B, mesh, 'train.batch_size')
+  if B % mbs:
+    raise ValueError(f'train.batch_size={B} does not split into ppo.minibatches={mbs}')
+  sharding.check_batch(B // mbs, mesh, 'train.batch_size / ppo.minibatches')
+  total, per_iter = c.train.steps, cfg.epochs * mbs
+  opt = lambda o: {**o.to_dict(), 'warmup_steps': c.train.warmup_iterations * per_iter}  # noqa: E731
+  policy_tx = optim.make(opt(c.optim), total * per_iter)
+  tx = ppo.make_tx(policy_tx, None if models.value is None else optim.make(opt(c.value_optim), total * per_iter))
+  example = jnp.zeros((1, 8), jnp.int32)
+  init_fn = ppo.make_init(lambda k: models.policy.init(k, example)['params'],
+                          None if models.value is None else (lambda k: models.value.init(k, example)['params']),
+                          tx, cfg)
+
+  prompts, raw = datasets.ppo_prompts(c)
+  log.info('PPO: %d prompts, %d episodes per iteration, %d iterations%s', len(prompts), B, total,
+           f', PPO-ptx γ={cfg.ptx_coef} with {cfg.ptx_ratio}× pretraining rows' if cfg.ptx_coef else '')
+  its = {'': iter(pipeline.prompt_batches(tok, prompts, prompt_len=c.data.prompt_len, global_batch=B, seed=c.seed))}
+  pre = datasets.pretrain_records(c)
+  if cfg.ptx_coef:
+    if not pre['pretrain_train']:
+      raise ValueError('ppo.ptx_coef > 0 needs pretraining text: set data.pretrain_source')
+    rows = cfg.epochs * mbs * cfg.ptx_ratio * (B // mbs)
+    its['ptx'] = iter(pipeline.train_batches(tok, [pre['pretrain_train']], seq_len=c.data.ptx_seq_len,
+                                             global_batch=rows, seed=c.seed + 1))
+  batches = pipeline.Zip(**its)
+
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), max_to_keep=c.train.keep_checkpoints)
+  abstract, shardings = sharding.abstract_and_shardings(init_fn, mesh, c.seed)
+  ref_abstract, ref_shardings = _abstract_params(models.reference, mesh)
+  ref_params = _params_from(c.init.checkpoint, ref_abstract, ref_shardings)
+  if ckpt.latest_step() is not None:
+    state, extra = ckpt.restore(_target(abstract, shardings))
+    batches.set_state(extra['data'])
+    log.info('restored iteration %d from %s', int(state.step), ckpt.directory)
+  else:
+    state, shardings = sharding.init_sharded(init_fn, mesh, c.seed)
+    fresh = ('score_head',) if models.value is None else ()
+    policy = {**state.params['policy'], **_fresh_copy(ref_params)}
+    if fresh:  # OAI-2019: the value head on the policy trunk starts at zero
+      policy['score_head'] = jnp.zeros_like(state.params['policy']['score_head'])
+    params = {'policy': policy}
+    if models.value is not None:
+      params['value'] = _params_from(c.init.value_checkpoint or c.init.reward_checkpoint, abstract.params['value'],
+                                     shardings.params['value'])
+    state = state.replace(params=params, ema=_fresh_copy(policy))
+    log.info('policy and reference from %s; value from %s', c.init.checkpoint,
+             'a zero head on the policy' if fresh else (c.init.value_checkpoint or c.init.reward_checkpoint))
+
+  under = lambda f: sharding.under_rules(f, mesh)  # noqa: E731
+  sample_cfg = ppo.sample_config(cfg, models, max_new_tokens=c.data.gen_len, eos_id=tok.eos_id, pad_id=tok.pad_id)
+  gen = jax.jit(under(functools.partial(ppo.rollout, models=models, sample_cfg=sample_cfg)))
+  score = jax.jit(under(functools.partial(ppo.score, models=models, cfg=cfg)))
+  upd = jax.jit(under(functools.partial(ppo.update, models=models, cfg=cfg, tx=tx)),
+                out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+
+  def step_fn(state, batch):
+    sample = gen(state, batch)
+    rollouts, m = score(state, ref_params, rm_params, batch, sample)
+    state, mu = upd(state, rollouts, batch.get('ptx'))
+    m.update(mu)
+    if raw is not None:  # the gold labeler's score of this iteration's rollouts
+      m['objective/gold_score'] = _gold_of(tok, raw, rollouts['response'], rollouts['response_mask'], batch['index'])
+    return state, m
+
+  data = {'valid': datasets.demonstrations(c, c.data.n_valid) if c.data.source == 'synthetic' else [],
+          'pretrain_valid': pre['pretrain_valid']}
+  evaluate = _sft_evaluator(c, models.policy, tok, mesh, data)
+  eval_params = (lambda s: s.ema) if cfg.ema_decay else (lambda s: s.params['policy'])
+  lr = optim.schedule({**optim.DEFAULTS, **opt(c.optim)}, total * per_iter)
+  finalize = lambda state: {'model': dataclasses.asdict(models.policy.cfg), 'ppo': dataclasses.asdict(cfg)}  # noqa: E731
+  return _loop(c, workdir, stage='ppo', state=state, step_fn=step_fn, batches=batches, mesh=mesh, ckpt=ckpt,
+               total=total, evaluate=evaluate, stop_after=stop_after, finalize=finalize, eval_params=eval_params,
+               lr=lambda it: lr(it * per_iter))
+
+
+def _gold_of(tok, raw_prompts, response, response_mask, index) -> float:
+  """Mean gold score of a batch of rollouts (host side; every process gathers the whole batch)."""
+  from rlhf_jax.data import synthetic
+  toks, mask, idx = (np.asarray(multihost_utils.process_allgather(x, tiled=True))
+                     for x in (response, response_mask, index))
+  scores = []
+  for t, m, i in zip(toks, mask, idx):
+    ids = [int(x) for x, k in zip(t, m) if k and x != tok.eos_id]
+    scores.append(synthetic.gold_score(raw_prompts[i], tok.decode(ids)))
+  return float(np.mean(scores))

@@ -32,17 +32,35 @@ def sft_records(c) -> dict[str, list[dict]]:
            'valid': fmt(synthetic.sft_examples('valid', d.n_valid, c.task.seed))}
   else:
     out = {'train': _builder_records(c, d.source, 'train'), 'valid': _builder_records(c, d.source, d.valid_split)}
+  out.update(pretrain_records(c))
+  return out
+
+
+def pretrain_records(c) -> dict[str, list[dict]]:
+  """{'pretrain_train', 'pretrain_valid'} documents ({'text'}) of `data.pretrain_source` (empty lists
+  if there is none)."""
+  d = c.data
   if d.pretrain_source == 'synthetic':
     from rlhf_jax.data import synthetic
     docs = synthetic.pretraining_text(d.n_pretrain + d.n_valid, c.task.seed)
-    out['pretrain_train'] = [{'text': t} for t in docs[d.n_valid:]]
-    out['pretrain_valid'] = [{'text': t} for t in docs[:d.n_valid]]
-  elif d.pretrain_source:
-    out['pretrain_train'] = _builder_records(c, d.pretrain_source, 'train')
-    out['pretrain_valid'] = _builder_records(c, d.pretrain_source, d.valid_split)
-  else:
-    out['pretrain_train'] = out['pretrain_valid'] = []
-  return out
+    return {'pretrain_train': [{'text': t} for t in docs[d.n_valid:]],
+            'pretrain_valid': [{'text': t} for t in docs[:d.n_valid]]}
+  if d.pretrain_source:
+    return {'pretrain_train': _builder_records(c, d.pretrain_source, 'train'),
+            'pretrain_valid': _builder_records(c, d.pretrain_source, d.valid_split)}
+  return {'pretrain_train': [], 'pretrain_valid': []}
+
+
+def ppo_prompts(c) -> tuple[list[str], list[str] | None]:
+  """(formatted prompts, raw prompts for the gold labeler or None) of PPO's training episodes: the
+  embedded task's train prompts, or the distinct prompts of `data.source`'s train split."""
+  if c.data.source == 'synthetic':
+    from rlhf_jax.data import synthetic
+    raw = [p['prompt'] for p in synthetic.prompts('train', c.data.n_prompts or None, c.task.seed)]
+    return [synthetic.format_prompt(p) for p in raw], raw
+  seen = dict.fromkeys(r['prompt'] for r in _builder_records(c, c.data.source, 'train'))
+  prompts = list(seen)
+  return (prompts[:c.data.n_prompts] if c.data.n_prompts else prompts), None
 
 
 def gold_sampler(c, model, tok: tokenizers.Tokenizer, mesh):

@@ -213,3 +213,61 @@ def ranking_eval_batches(tok, records: Sequence[Mapping[str, Any]], *, seq_len: 
     examples = [encode_ranking(tok, r, seq_len, k_max) for r in chunk]
     examples += [empty] * (rows - len(examples))
     yield {k: np.stack([e[k] for e in examples]) for k in RANKING_FIELDS}
+
+
+# ----------------------------------------------------------------------------
+# Prompts (PPO rollouts).
+
+PROMPT_FIELDS = ('prompt_ids', 'prompt_mask', 'index')
+
+
+def encode_prompt(tok: tokenizers.Tokenizer, prompt: str, prompt_len: int) -> tuple[np.ndarray, np.ndarray]:
+  """[bos] prompt, left-padded to prompt_len (a too-long prompt keeps its end, next to the response)."""
+  ids, mask = tokenizers.encode_batch(tok, [prompt], prompt_len, pad_left=True, truncate=True,
+                                      add_bos=tok.bos_id is not None)
+  return ids[0], mask[0]
+
+
+def prompt_batches(tok, prompts: Sequence[str], *, prompt_len: int, global_batch: int, seed: int) -> grain.IterDataset:
+  """An endless, shuffled (reshuffled every epoch) stream of this host's rows of each global batch of
+  prompts: prompt_ids, prompt_mask [B, P] (left-padded) and index [B] (the prompt's position in
+  `prompts`, for looking up its text). Checkpointable like `train_batches`."""
+  n_proc = jax.process_count()
+  if global_batch % n_proc:
+    raise ValueError(f'batch_size={global_batch} is not divisible by the {n_proc} processes')
+
+  def enc(r):
+    ids, mask = encode_prompt(tok, r['prompt'], prompt_len)
+    return {'prompt_ids': ids, 'prompt_mask': mask, 'index': np.int32(r['index'])}
+  records = [{'prompt': p, 'index': i} for i, p in enumerate(prompts)]
+  ds = _host_slice(records).seed(seed).shuffle().repeat().map(enc).to_iter_dataset()
+  return ds.batch(global_batch // n_proc, drop_remainder=True)
+
+
+class Zip:
+  """Several checkpointable iterators as one: each batch is a dict of their batches, merged at the
+  top level for the one named '' and nested under its name for the others; `get_state` /
+  `set_state` cover all of them."""
+
+  def __init__(self, **iterators):
+    self.iterators = iterators
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    out = {}
+    for name, it in self.iterators.items():
+      b = next(it)
+      if name:
+        out[name] = b
+      else:
+        out.update(b)
+    return out
+
+  def get_state(self) -> dict:
+    return {name or 'main': it.get_state() for name, it in self.iterators.items()}
+
+  def set_state(self, state: dict) -> None:
+    for name, it in self.iterators.items():
+      it.set_state(state[name or 'main'])
