@@ -7,6 +7,8 @@ uses the "SFT + 10 % pretraining mix" run), the RM and the value network from an
 one epoch, β = 0.02, constant LR after 10 warm-up iterations, value LR 9e-6, EMA 0.992).
 `:ptx=True` is PPO-ptx (γ = 27.8 on 8× as many pretraining rows); `:oai=True` switches to the
 OAI-2019 settings (adaptive KL, reward whitening, a -1 score for responses with no stop token).
+`:gold=True` replaces the RM by the embedded task's gold labeler (the oracle upper bound of
+Gao et al. 2022; the value network then starts from the SFT trunk with a fresh head).
 
 python -m rlhf_jax.main --config=experiments/ppo.py:tiny --config.init.checkpoint=runs/sft_tiny/checkpoints \\
     --config.init.reward_checkpoint=runs/rm_tiny/checkpoints --workdir=runs/ppo_tiny
@@ -17,7 +19,7 @@ from experiments import common
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, size='tiny', smoke=False, ptx=False, oai=False, data='synthetic')
+  arg = common.parse_arg(arg, size='tiny', smoke=False, ptx=False, oai=False, gold=False, data='synthetic')
   size = 'smoke' if arg.smoke else arg.size
   cpu = size in common.CPU_SIZES
   synthetic = arg.data == 'synthetic'
@@ -40,10 +42,12 @@ def get_config(arg=None):
                 pretrain_source='synthetic' if synthetic else 'plain_text_corpus/tinyshakespeare',
                 ptx_seq_len=64 if cpu else 2048)
   c.init = dict(checkpoint='', reward_checkpoint='', value_checkpoint='')
+  c.reward = dict(source='gold' if arg.gold else 'rm')   # 'gold': the embedded task's labeler (an oracle run)
   c.ppo = dict(beta=0.02, adaptive_kl=False, kl_target=6.0, kl_horizon=10000, kl_estimator='k1',
                gamma=1.0, lam=0.95, clip=0.2, value_clip=0.2, vf_coef=0.1, ent_coef=0.0,
                epochs=1, minibatches=8, whiten_rewards=False, whiten_advantages=True,
-               temperature=1.0, logprob_temperature=True, stop_token=-1, truncate_after=0, penalty=None,
+               temperature=1.0, logprob_temperature=True, stop_token=-1, truncate_after=0,
+               penalize_no_stop=False, penalty=-1.0,
                recompute_logprobs=False, value_model='separate',
                ptx_coef=27.8 if arg.ptx else 0.0, ptx_ratio=8, ema_decay=0.992)
   c.optim = dict(lr=1e-5, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, grad_clip=1.0,
@@ -53,12 +57,12 @@ def get_config(arg=None):
                  eval_batch_size=64, checkpoint_every=25, keep_checkpoints=2, skip_nonfinite=False)
   c.eval = dict(gold_prompts=0, prompt_len=c.data.prompt_len, gen_len=c.data.gen_len)
   if arg.oai:
-    c.ppo.update(adaptive_kl=True, beta=0.15, whiten_rewards=True, penalty=-1.0, epochs=4, minibatches=1)
+    c.ppo.update(adaptive_kl=True, beta=0.15, whiten_rewards=True, penalize_no_stop=True, epochs=4, minibatches=1)
   if cpu:
     c.ppo.update(minibatches=4, epochs=2, ptx_ratio=2, ptx_coef=1.0 if arg.ptx else 0.0, ema_decay=0.9)
-    c.optim.lr, c.value_optim.lr = 3e-5, 1e-4
-    c.train.update(batch_size=64, steps=100, warmup_iterations=2, log_every=5, eval_every=25,
-                   checkpoint_every=25)
+    c.optim.lr, c.value_optim.lr = 1e-4, 3e-4
+    c.train.update(batch_size=64, steps=60, warmup_iterations=2, log_every=5, eval_every=30,
+                   checkpoint_every=30)
     c.eval.gold_prompts = 128 if size == 'tiny' else 8
   if arg.smoke:
     c.ppo.minibatches = 2                     # 8 episodes per minibatch: one per simulated device

@@ -59,7 +59,8 @@ class PPOConfig:
   logprob_temperature: bool = True  # log-probs of logits / temperature (OAI-2019); False: of the raw logits
   stop_token: int = -1             # truncate the response after this token (-1: the tokenizer's EOS)
   truncate_after: int = 0          # ... at its first occurrence at or after this response position
-  penalty: float | None = None     # score of a response with no stop token (OAI-2019: -1); None: RM score
+  penalize_no_stop: bool = False   # OAI-2019: a response with no stop token scores `penalty`, not the RM's
+  penalty: float = -1.0
   recompute_logprobs: bool = False  # recompute the rollout's log-probs in the scoring pass
   value_model: str = 'separate'    # 'separate' (initialised from the RM) or 'shared' (policy trunk + zero head)
   ptx_coef: float = 0.0            # PPO-ptx γ (InstructGPT: 27.8); 0 = plain PPO
@@ -238,7 +239,7 @@ class Models:
   """The networks and constants the PPO functions close over (hashable: jit statics)."""
   policy: model_lib.Transformer          # the LM (with a scalar head in the 'shared' value mode)
   value: model_lib.Transformer | None    # the value network ('separate' mode), shaped like the RM
-  reward: model_lib.Transformer          # the frozen RM
+  reward: model_lib.Transformer | None   # the frozen RM (None: the score comes from outside, see `score`)
   reference: model_lib.Transformer | None = None  # the frozen SFT policy's shape (default: policy)
   reward_gain: float = 1.0               # the RM's normalisation (reward.Normalization)
   reward_bias: float = 0.0
@@ -325,14 +326,16 @@ def rollout(state: PPOState, batch, *, models: Models, sample_cfg: sampling.Samp
                            model=models.policy, cfg=sample_cfg)
 
 
-def score(state: PPOState, ref_params, rm_params, batch, sample, *, models: Models, cfg: PPOConfig):
+def score(state: PPOState, ref_params, rm_params, batch, sample, external_score=None, *, models: Models,
+          cfg: PPOConfig):
   """Everything the update needs, from one rollout: (rollouts, metrics).
 
   rollouts holds the inputs (prompt_ids, prompt_mask, response, response_mask), per response
   token [B, N] logp (old log-probs), values, advantages, returns, and per episode kl [B]. The response is cut after the
   stop token (`ppo.stop_token`, `ppo.truncate_after`) before anything is scored; a response without
-  one scores `ppo.penalty` when that is set. Rewards: r_t = -β·kl_t, plus the normalised RM score
-  at the last real token."""
+  one scores `ppo.penalty` when `ppo.penalize_no_stop`. Rewards: r_t = -β·kl_t, plus the normalised RM score
+  at the last real token. external_score [B] (optional) replaces the RM's score: a reward computed
+  outside the model, such as the embedded task's gold labeler (an oracle-reward run)."""
   P = batch['prompt_ids'].shape[1]
   response = sample['tokens']
   rmask, has_stop = truncate_at_stop(response, sample['mask'], models.stop_id, cfg.truncate_after)
@@ -349,9 +352,12 @@ def score(state: PPOState, ref_params, rm_params, batch, sample, *, models: Mode
   ref_logp, _ = logprobs_from_states(models.ref, ref_params, h_ref, response, temperature=temp,
                                      vocab_size=models.vocab_size)
   read_at = P + last_index(rmask)
-  raw = models.reward.apply({'params': rm_params}, tokens, positions, mask, read_at, method='score_at')
-  rm_score = raw * models.reward_gain + models.reward_bias
-  episode_score = rm_score if cfg.penalty is None else jnp.where(has_stop, rm_score, cfg.penalty)
+  if external_score is None:
+    raw = models.reward.apply({'params': rm_params}, tokens, positions, mask, read_at, method='score_at')
+    rm_score = raw * models.reward_gain + models.reward_bias
+  else:
+    rm_score = external_score.astype(jnp.float32)
+  episode_score = jnp.where(has_stop, rm_score, cfg.penalty) if cfg.penalize_no_stop else rm_score
   m = rmask.astype(jnp.float32)
   logp, ref_logp, values = logp * m, ref_logp * m, values * m
   kl = kl_penalty(logp, ref_logp, cfg.kl_estimator) * m

@@ -161,7 +161,9 @@ def _loop(c, workdir: str, *, stage: str, state, step_fn, batches, mesh, ckpt, t
         writer.write(step, last_eval)
       if done and finalize is not None:
         final = finalize(state)
-        writer.write(step, {f'{stage}/{k}': v for k, v in _scalars(final).items() if not k.startswith('model/')})
+        numbers = {f'{stage}/{k}': v for k, v in _scalars(final).items() if not k.startswith(('model/', 'config/'))}
+        if numbers:
+          writer.write(step, numbers)
       if step % c.train.checkpoint_every == 0 or done or stop:
         ckpt.save(step, state, {'data': batches.get_state(), 'stage': stage, **final}, wait=done or stop)
       if stop:
@@ -426,16 +428,28 @@ def _fresh_copy(tree):
 def ppo_models(c, tok, mesh) -> tuple[ppo.Models, ppo.PPOConfig, object, reward.Normalization]:
   """(models, ppo config, RM params, RM normalisation): the policy (c.model; with a zero-initialised
   scalar head in the 'shared' value mode), the reference (the policy's shape without a head), the
-  frozen RM and the value network (the RM's shape) from `init.reward_checkpoint`."""
+  frozen RM from `init.reward_checkpoint` and the value network (the RM's shape). With
+  `reward.source='gold'` (the embedded task's gold labeler as the reward, an oracle run) there is
+  no RM, and the value network has the policy's trunk with a scalar head."""
   cfg = ppo.PPOConfig.from_dict(c.ppo.to_dict())
-  if not c.init.reward_checkpoint:
-    raise ValueError('init.reward_checkpoint is empty: PPO needs a trained reward model (an RM run\'s checkpoints/)')
-  rm, rm_params, norm = load_reward_model(c.init.reward_checkpoint, mesh)
+  if c.reward.source not in ('rm', 'gold'):
+    raise ValueError(f"reward.source={c.reward.source!r}; valid: 'rm', 'gold'")
+  if c.reward.source == 'gold':
+    if c.data.source != 'synthetic':
+      raise ValueError("reward.source='gold' needs the embedded task (data.source='synthetic'): only it has a gold labeler")
+    rm, rm_params, norm = None, None, reward.Normalization()
+    value = rm_model(c)
+  else:
+    if not c.init.reward_checkpoint:
+      raise ValueError('init.reward_checkpoint is empty: PPO needs a trained reward model (an RM run\'s '
+                       "checkpoints/), or reward.source='gold' on the embedded task")
+    rm, rm_params, norm = load_reward_model(c.init.reward_checkpoint, mesh)
+    value = rm
   shared = cfg.value_model == 'shared'
   ref = build_model(c)
   policy = model_lib.Transformer(ref.cfg.replace(scalar_head=True)) if shared else ref
   stop_id = tok.eos_id if cfg.stop_token < 0 else cfg.stop_token
-  models = ppo.Models(policy=policy, value=None if shared else rm, reward=rm, reference=ref,
+  models = ppo.Models(policy=policy, value=None if shared else value, reward=rm, reference=ref,
                       reward_gain=norm.gain, reward_bias=norm.bias, vocab_size=tok.vocab_size, stop_id=stop_id)
   return models, cfg, rm_params, norm
 
@@ -493,12 +507,14 @@ def train_ppo(c: ml_collections.ConfigDict, workdir: str, *, stop_after: int | N
     if fresh:  # OAI-2019: the value head on the policy trunk starts at zero
       policy['score_head'] = jnp.zeros_like(state.params['policy']['score_head'])
     params = {'policy': policy}
-    if models.value is not None:
-      params['value'] = _params_from(c.init.value_checkpoint or c.init.reward_checkpoint, abstract.params['value'],
-                                     shardings.params['value'])
+    value_from = c.init.value_checkpoint or (c.init.checkpoint if models.reward is None else c.init.reward_checkpoint)
+    if models.value is not None:   # from the RM (InstructGPT); with the gold reward, the SFT trunk + a fresh head
+      restored = _params_from(value_from, abstract.params['value'], shardings.params['value'],
+                              fresh=('score_head',) if models.reward is None else ())
+      params['value'] = {**state.params['value'], **restored}
     state = state.replace(params=params, ema=_fresh_copy(policy))
     log.info('policy and reference from %s; value from %s', c.init.checkpoint,
-             'a zero head on the policy' if fresh else (c.init.value_checkpoint or c.init.reward_checkpoint))
+             'a zero head on the policy' if fresh else value_from)
 
   under = lambda f: sharding.under_rules(f, mesh)  # noqa: E731
   sample_cfg = ppo.sample_config(cfg, models, max_new_tokens=c.data.gen_len, eos_id=tok.eos_id, pad_id=tok.pad_id)
@@ -509,11 +525,20 @@ def train_ppo(c: ml_collections.ConfigDict, workdir: str, *, stop_after: int | N
 
   def step_fn(state, batch):
     sample = gen(state, batch)
-    rollouts, m = score(state, ref_params, rm_params, batch, sample)
+    if models.reward is None:  # the gold labeler is the reward: scored on the host, then sharded
+      gold = _gold_of(tok, raw, *ppo.truncate_at_stop(sample['tokens'], sample['mask'], models.stop_id,
+                                                      cfg.truncate_after)[:1], sample['tokens'], batch['index'])
+      n, pid = len(gold) // jax.process_count(), jax.process_index()
+      ext = sharding.shard_batch(gold[pid * n:(pid + 1) * n].astype(np.float32), mesh)
+      rollouts, m = score(state, ref_params, rm_params, batch, sample, ext)
+      m['objective/gold_score'] = float(gold.mean())
+    else:
+      rollouts, m = score(state, ref_params, rm_params, batch, sample)
     state, mu = upd(state, rollouts, batch.get('ptx'))
     m.update(mu)
-    if raw is not None:  # the gold labeler's score of this iteration's rollouts
-      m['objective/gold_score'] = _gold_of(tok, raw, rollouts['response'], rollouts['response_mask'], batch['index'])
+    if raw is not None and models.reward is not None:  # the gold labeler's score of this iteration's rollouts
+      m['objective/gold_score'] = float(_gold_of(tok, raw, rollouts['response_mask'], rollouts['response'],
+                                                 batch['index']).mean())
     return state, m
 
   data = {'valid': datasets.demonstrations(c, c.data.n_valid) if c.data.source == 'synthetic' else [],
@@ -521,14 +546,15 @@ def train_ppo(c: ml_collections.ConfigDict, workdir: str, *, stop_after: int | N
   evaluate = _sft_evaluator(c, models.policy, tok, mesh, data)
   eval_params = (lambda s: s.ema) if cfg.ema_decay else (lambda s: s.params['policy'])
   lr = optim.schedule({**optim.DEFAULTS, **opt(c.optim)}, total * per_iter)
-  finalize = lambda state: {'model': dataclasses.asdict(models.policy.cfg), 'ppo': dataclasses.asdict(cfg)}  # noqa: E731
+  finalize = lambda state: {'model': dataclasses.asdict(models.policy.cfg),  # noqa: E731
+                            'config': {'ppo': dataclasses.asdict(cfg), 'reward': c.reward.to_dict()}}
   return _loop(c, workdir, stage='ppo', state=state, step_fn=step_fn, batches=batches, mesh=mesh, ckpt=ckpt,
                total=total, evaluate=evaluate, stop_after=stop_after, finalize=finalize, eval_params=eval_params,
                lr=lambda it: lr(it * per_iter))
 
 
-def _gold_of(tok, raw_prompts, response, response_mask, index) -> float:
-  """Mean gold score of a batch of rollouts (host side; every process gathers the whole batch)."""
+def _gold_of(tok, raw_prompts, response_mask, response, index) -> np.ndarray:
+  """Gold scores [B] of a batch of rollouts (host side; every process gathers the whole batch)."""
   from rlhf_jax.data import synthetic
   toks, mask, idx = (np.asarray(multihost_utils.process_allgather(x, tiled=True))
                      for x in (response, response_mask, index))
@@ -536,4 +562,4 @@ def _gold_of(tok, raw_prompts, response, response_mask, index) -> float:
   for t, m, i in zip(toks, mask, idx):
     ids = [int(x) for x, k in zip(t, m) if k and x != tok.eos_id]
     scores.append(synthetic.gold_score(raw_prompts[i], tok.decode(ids)))
-  return float(np.mean(scores))
+  return np.asarray(scores, np.float64)

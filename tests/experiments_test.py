@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from experiments import common
+from rlhf_jax import ppo
 from rlhf_jax.model import ModelConfig
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -16,9 +17,12 @@ FILES = sorted(p.stem for p in (ROOT / 'experiments').glob('*.py') if p.stem not
 @pytest.mark.parametrize('name', FILES)
 def test_every_config_parses_and_every_sweep_point_builds(name):
   mod = importlib.import_module(f'experiments.{name}')
-  for arg in ['smoke'] + [f'size={s}' for s in common.SIZES]:
+  extra = {'ppo': ['ptx', 'oai', 'size=6b,ptx=True,oai=True']}.get(name, [])
+  for arg in ['smoke'] + [f'size={s}' for s in common.SIZES] + extra:
     c = mod.get_config(arg)
     ModelConfig.from_dict(c.model.to_dict())
+    if 'ppo' in c:
+      ppo.PPOConfig.from_dict(c.ppo.to_dict())
     c.lock()
     for point in getattr(mod, 'get_sweep', lambda: [])():
       d = c.copy_and_resolve_references()

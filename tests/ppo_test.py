@@ -112,6 +112,22 @@ def test_score_places_the_reward_at_the_last_real_token(one_device):
   np.testing.assert_allclose(np.asarray(roll['returns'])[:, 0], expect, rtol=1e-4, atol=1e-4)
   assert float(m['ppo/no_stop_frac']) == 0.5
   assert (np.asarray(roll['returns'])[rmask == 0] == 0).all()
+  # OAI-2019's penalty: the rows with no stop token score -1 instead of the RM's score.
+  pen, _ = _jit(ppo.score, mesh, models=models, cfg=dataclasses.replace(cfg, penalize_no_stop=True))(
+      state, ref, rm, batch, s)
+  np.testing.assert_allclose(np.asarray(pen['returns'])[0::2, 0], -1.0, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(pen['returns'])[1::2, 0], expect[1::2], rtol=1e-4, atol=1e-4)
+
+
+def test_a_non_finite_minibatch_changes_nothing_and_is_recorded(one_device):
+  mesh, cfg, state, _, ref, rm, batch, sample = one_device
+  roll, _ = _jit(ppo.score, mesh, models=MODELS, cfg=cfg)(state, ref, rm, batch, sample)
+  bad = dict(roll, advantages=roll['advantages'].at[0, 0].set(jnp.nan))
+  mb = jax.tree.map(lambda a: a[:8], bad)
+  new, _ = jax.jit(functools.partial(ppo.minibatch_step, models=MODELS, cfg=cfg, tx=TX))(state, mb, None)
+  assert int(new.bad_step) == int(state.step)
+  jax.tree.map(np.testing.assert_array_equal, (new.params, new.ema, new.opt_state),
+               (state.params, state.ema, state.opt_state))
 
 
 def _reference_update(state, rollouts, ptx, cfg, tx, models=MODELS):
