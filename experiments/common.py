@@ -53,5 +53,13 @@ def model(size: str, **overrides) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(fields)
 
 
+def tokenizer(data: str) -> ml_collections.ConfigDict:
+  """The embedded task's byte tokenizer, or GPT-2 BPE (from ../shared/data) for real data."""
+  if data == 'synthetic':
+    return ml_collections.ConfigDict(dict(kind='byte'))
+  return ml_collections.ConfigDict(dict(kind='gpt2_bpe', encoder_json='../shared/data/tokenizers/gpt2/encoder.json',
+                                        vocab_bpe='../shared/data/tokenizers/gpt2/vocab.bpe'))
+
+
 def mesh(data: int = -1, fsdp: int = 1, tensor: int = 1) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor))

@@ -27,9 +27,7 @@ def get_config(arg=None):
   c.stage = 'ppo'
   c.seed = 0
   c.model = common.model(size, dropout=0.0)   # the SFT checkpoint's shape; no dropout in PPO
-  c.tokenizer = dict(kind='byte') if synthetic else dict(
-      kind='gpt2_bpe', encoder_json='../shared/data/tokenizers/gpt2/encoder.json',
-      vocab_bpe='../shared/data/tokenizers/gpt2/vocab.bpe')
+  c.tokenizer = common.tokenizer(arg.data)
   if not synthetic:
     c.model.vocab_size = common.SIZES['1.3b']['vocab_size']
   c.task = dict(seed=0)

@@ -26,9 +26,7 @@ def get_config(arg=None):
   c.stage = 'rm'
   c.seed = 0
   c.model = common.model(size, dropout=0.0)   # must match the SFT checkpoint's shape
-  c.tokenizer = dict(kind='byte') if synthetic else dict(
-      kind='gpt2_bpe', encoder_json='../shared/data/tokenizers/gpt2/encoder.json',
-      vocab_bpe='../shared/data/tokenizers/gpt2/vocab.bpe')
+  c.tokenizer = common.tokenizer(arg.data)
   c.task = dict(seed=0)
   c.data = dict(source=arg.data, manual_dir='' if synthetic else '../shared/data',
                 data_dir='' if synthetic else '~/tensorflow_datasets', valid_split='test',

@@ -23,9 +23,7 @@ def get_config(arg=None):
   c.stage = 'sft'
   c.seed = 0
   c.model = common.model(size, dropout=0.0 if cpu else 0.2)
-  c.tokenizer = dict(kind='byte') if arg.data == 'synthetic' else dict(
-      kind='gpt2_bpe', encoder_json='../shared/data/tokenizers/gpt2/encoder.json',
-      vocab_bpe='../shared/data/tokenizers/gpt2/vocab.bpe')
+  c.tokenizer = common.tokenizer(arg.data)
   c.task = dict(seed=0)                       # the embedded task's generator
   c.data = dict(source=arg.data, manual_dir='', data_dir='', valid_split='test',
                 seq_len=64 if cpu else 2048, pack=not cpu,
