@@ -326,12 +326,116 @@ def run_rm(ctx: Ctx):
   ctx.emit('RM', 'comparisons_per_s', pairs / statistics.median(times), times, compile_s=compile_s)
 
 
+def _ppo_setup(ctx: Ctx):
+  """The project's PPO pieces for the spec's PPO workload, built the way `trainer.train_ppo` builds
+  them: (models, cfg, tx, mesh, state, shardings, ref_params, rm_params, batch, sample_cfg)."""
+  import dataclasses
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from rlhf_jax import ppo, sharding
+  from rlhf_jax.model import Transformer
+  s, g, c, o = ctx.spec, ctx.spec['gen'], ctx.spec['ppo'], ctx.spec['optimizer']
+  if c['minibatches'] * c['minibatch_size'] != g['prompts']:
+    raise ValueError(f'spec ppo: {c["minibatches"]} minibatches of {c["minibatch_size"]} != {g["prompts"]} rollouts')
+  policy = Transformer(model_config(s))
+  rm = Transformer(dataclasses.replace(model_config(s), lm_head=False, scalar_head=True))
+  # No EOS: the spec samples exactly new_tokens tokens, so the stop id is one no token can take.
+  models = ppo.Models(policy=policy, value=rm, reward=rm, reference=policy, vocab_size=None, stop_id=-1)
+  cfg = ppo.PPOConfig(beta=c['kl_coef'], adaptive_kl=False, kl_estimator='k1', gamma=c['gamma'], lam=c['lam'],
+                      clip=c['cliprange'], value_clip=c['cliprange_value'], vf_coef=c['vf_coef'], ent_coef=0.0,
+                      epochs=c['epochs'], minibatches=c['minibatches'], whiten_rewards=False,
+                      whiten_advantages=True, temperature=g['temperature'], recompute_logprobs=False,
+                      ema_decay=0.0)
+  adamw = optax.adamw(o['lr'], b1=o['betas'][0], b2=o['betas'][1], eps=o['eps'], weight_decay=o['weight_decay'])
+  tx = ppo.make_tx(adamw, adamw)
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  example = jnp.zeros((1, 8), jnp.int32)
+  init_fn = ppo.make_init(lambda k: policy.init(k, example)['params'], lambda k: rm.init(k, example)['params'],
+                          tx, cfg)
+  state, shardings = sharding.init_sharded(init_fn, mesh, s['seeds']['sample'])
+  # Policy M (seed policy) and R (seed reward); the state is donated every iteration, so the
+  # reference, the RM and the (unused) EMA each get buffers of their own.
+  fresh = lambda tree: jax.tree.map(lambda x: x + jnp.zeros((), x.dtype), tree)  # noqa: E731
+  put = lambda tree, sh: jax.device_put(tree, sh)  # noqa: E731
+  policy_params = put(init_params(policy, s['seeds']['policy']), shardings.params['policy'])
+  rm_params = init_params(rm, s['seeds']['reward'])
+  state = state.replace(params={'policy': policy_params,
+                                'value': put(fresh(rm_params), shardings.params['value'])},
+                        ema=fresh(policy_params))
+  ref_params = fresh(policy_params)
+  prompts = uniform_tokens(s, np.random.default_rng(s['seeds']['data']), g['prompts'], g['prompt_len'])
+  batch = sharding.shard_batch({'prompt_ids': prompts, 'prompt_mask': np.ones_like(prompts)}, mesh)
+  sample_cfg = ppo.sample_config(cfg, models, max_new_tokens=g['new_tokens'], eos_id=None, pad_id=0)
+  return models, cfg, tx, mesh, state, shardings, ref_params, rm_params, batch, sample_cfg
+
+
+def run_ppo(ctx: Ctx):
+  """The PPO workload through the project's own `ppo.rollout`, `ppo.score` and `ppo.update`,
+  jitted as `trainer.train_ppo` jits them (the update donates the state; all 4 epochs x 4
+  minibatches = 16 AdamW steps run in one scan). One iteration = rollout, scoring (with rewards,
+  GAE and whitening), update; each phase blocks on its results and is timed on its own.
+
+  With the default `ppo.recompute_logprobs=False` the rollout's log-probs are reused (as TRL does),
+  so scoring runs 3 forwards (reference, value, reward), not the spec's 4; the sampler's log-probs
+  equal a fresh forward's (tests/sampling_test.py::test_logprobs_match_recomputed_logprobs_at_temperature).
+  The EMA of the policy is off (`ema_decay=0`, the spec has none): it is then only carried in the
+  state, never updated."""
+  import functools
+  import jax
+  from rlhf_jax import ppo, sharding
+  g, c = ctx.spec['gen'], ctx.spec['ppo']
+  models, cfg, tx, mesh, state, shardings, ref_params, rm_params, batch, sample_cfg = _ppo_setup(ctx)
+  under = lambda f: sharding.under_rules(f, mesh)  # noqa: E731
+  gen = jax.jit(under(functools.partial(ppo.rollout, models=models, sample_cfg=sample_cfg)))
+  score = jax.jit(under(functools.partial(ppo.score, models=models, cfg=cfg)))
+  upd = jax.jit(under(functools.partial(ppo.update, models=models, cfg=cfg, tx=tx)),
+                out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+
+  compile_s = {}
+  gen, compile_s['gen'] = compile_timed(gen, state, batch)
+  sample = gen.out_info
+  score, compile_s['score'] = compile_timed(score, state, ref_params, rm_params, batch, sample)
+  upd, compile_s['update'] = compile_timed(upd, state, score.out_info[0])
+  log(f'PPO: compiled in {sum(compile_s.values()):.1f} s ('
+      + ', '.join(f'{k} {v:.1f} s' for k, v in compile_s.items()) + f'); {c["warmup"]} warm-up + '
+      f'{c["repeats"]} iterations of {g["prompts"]} x ({g["prompt_len"]} + {g["new_tokens"]}) tokens, '
+      f'{cfg.epochs * cfg.minibatches} optimizer steps each')
+
+  holder, phases = [state], []
+
+  def iteration(i):
+    t0 = time.perf_counter()
+    sample = jax.block_until_ready(gen(holder[0], batch))
+    t1 = time.perf_counter()
+    rollouts, m = jax.block_until_ready(score(holder[0], ref_params, rm_params, batch, sample))
+    t2 = time.perf_counter()
+    holder[0], mu = jax.block_until_ready(upd(holder[0], rollouts))
+    t3 = time.perf_counter()
+    phases.append((t1 - t0, t2 - t1, t3 - t2))
+    return sample, {**m, **mu}
+
+  times, (sample, metrics) = time_calls(iteration, c['warmup'], c['repeats'])
+  _check_gen(sample, g)
+  if int(holder[0].step) != c['warmup'] + c['repeats'] or int(holder[0].bad_step) >= 0:
+    raise RuntimeError(f'PPO state after {len(phases)} iterations: step {int(holder[0].step)}, '
+                       f'bad_step {int(holder[0].bad_step)}')
+  gen_s, score_s, train_s = (sum(p[k] for p in phases[c['warmup']:]) for k in range(3))
+  tot = gen_s + score_s + train_s
+  log('PPO: last iteration ' + ', '.join(f'{k}={float(metrics[k]):.4g}' for k in
+                                         ('objective/kl', 'ppo/policy_loss', 'ppo/value_loss', 'ppo/approx_kl')))
+  ctx.emit('PPO', 's_per_iter', statistics.median(times), times, gen_share=gen_s / tot, score_share=score_s / tot,
+           train_share=train_s / tot, optimizer_steps=cfg.epochs * cfg.minibatches,
+           compile_s=sum(compile_s.values()), **{f'compile_{k}_s': v for k, v in compile_s.items()})
+
+
 WORKLOADS: dict[str, Callable[[Ctx], None]] = {
     'PEAK': run_peak,
     'SFT': run_sft,
     'RM': run_rm,
     'GEN': run_gen,
     'GEN_NOCACHE': run_gen_nocache,
+    'PPO': run_ppo,
 }
 
 
