@@ -314,7 +314,7 @@ def make_tx(policy_tx: optax.GradientTransformation, value_tx: optax.GradientTra
 # Rollout and scoring.
 
 
-def sample_config(cfg: PPOConfig, models: Models, *, max_new_tokens: int, eos_id: int, pad_id: int):
+def sample_config(cfg: PPOConfig, models: Models, *, max_new_tokens: int, eos_id: int | None, pad_id: int):
   return sampling.SampleConfig(max_new_tokens=max_new_tokens, temperature=cfg.temperature, eos_id=eos_id,
                                pad_id=pad_id, vocab_size=models.vocab_size)
 
