@@ -425,8 +425,8 @@ def _fresh_copy(tree):
   return jax.tree.map(lambda x: x + jnp.zeros((), x.dtype), tree)
 
 
-def ppo_models(c, tok, mesh) -> tuple[ppo.Models, ppo.PPOConfig, object, reward.Normalization]:
-  """(models, ppo config, RM params, RM normalisation): the policy (c.model; with a zero-initialised
+def ppo_models(c, tok, mesh) -> tuple[ppo.Models, ppo.PPOConfig, object]:
+  """(models, ppo config, RM params; the RM's normalisation is in `models`): the policy (c.model; with a zero-initialised
   scalar head in the 'shared' value mode), the reference (the policy's shape without a head), the
   frozen RM from `init.reward_checkpoint` and the value network (the RM's shape). With
   `reward.source='gold'` (the embedded task's gold labeler as the reward, an oracle run) there is
@@ -451,7 +451,7 @@ def ppo_models(c, tok, mesh) -> tuple[ppo.Models, ppo.PPOConfig, object, reward.
   stop_id = tok.eos_id if cfg.stop_token < 0 else cfg.stop_token
   models = ppo.Models(policy=policy, value=None if shared else value, reward=rm, reference=ref,
                       reward_gain=norm.gain, reward_bias=norm.bias, vocab_size=tok.vocab_size, stop_id=stop_id)
-  return models, cfg, rm_params, norm
+  return models, cfg, rm_params
 
 
 def train_ppo(c: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None) -> dict:
@@ -464,7 +464,7 @@ def train_ppo(c: ml_collections.ConfigDict, workdir: str, *, stop_after: int | N
     raise ValueError('init.checkpoint is empty: PPO starts from an SFT run\'s checkpoints/')
   mesh = sharding.make_mesh(**c.mesh.to_dict())
   tok = tokenizers.from_config(c.tokenizer.to_dict())
-  models, cfg, rm_params, _ = ppo_models(c, tok, mesh)
+  models, cfg, rm_params = ppo_models(c, tok, mesh)
   B, mbs = c.train.batch_size, cfg.minibatches
   sharding.check_batch(B, mesh, 'train.batch_size')
   if B % mbs:
@@ -525,20 +525,19 @@ def train_ppo(c: ml_collections.ConfigDict, workdir: str, *, stop_after: int | N
 
   def step_fn(state, batch):
     sample = gen(state, batch)
+    ext = None
     if models.reward is None:  # the gold labeler is the reward: scored on the host, then sharded
-      gold = _gold_of(tok, raw, *ppo.truncate_at_stop(sample['tokens'], sample['mask'], models.stop_id,
-                                                      cfg.truncate_after)[:1], sample['tokens'], batch['index'])
+      kept, _ = ppo.truncate_at_stop(sample['tokens'], sample['mask'], models.stop_id, cfg.truncate_after)
+      gold = _gold_of(tok, raw, sample['tokens'], kept, batch['index'])
       n, pid = len(gold) // jax.process_count(), jax.process_index()
       ext = sharding.shard_batch(gold[pid * n:(pid + 1) * n].astype(np.float32), mesh)
-      rollouts, m = score(state, ref_params, rm_params, batch, sample, ext)
-      m['objective/gold_score'] = float(gold.mean())
-    else:
-      rollouts, m = score(state, ref_params, rm_params, batch, sample)
+    rollouts, m = score(state, ref_params, rm_params, batch, sample, ext)
     state, mu = upd(state, rollouts, batch.get('ptx'))
     m.update(mu)
-    if raw is not None and models.reward is not None:  # the gold labeler's score of this iteration's rollouts
-      m['objective/gold_score'] = float(_gold_of(tok, raw, rollouts['response_mask'], rollouts['response'],
-                                                 batch['index']).mean())
+    if raw is not None:  # the gold labeler's score of this iteration's rollouts (read while the update runs)
+      m['objective/gold_score'] = float(
+          (gold if ext is not None else _gold_of(tok, raw, rollouts['response'], rollouts['response_mask'],
+                                                 batch['index'])).mean())
     return state, m
 
   data = {'valid': datasets.demonstrations(c, c.data.n_valid) if c.data.source == 'synthetic' else [],
@@ -553,7 +552,7 @@ def train_ppo(c: ml_collections.ConfigDict, workdir: str, *, stop_after: int | N
                lr=lambda it: lr(it * per_iter))
 
 
-def _gold_of(tok, raw_prompts, response_mask, response, index) -> np.ndarray:
+def _gold_of(tok, raw_prompts, response, response_mask, index) -> np.ndarray:
   """Gold scores [B] of a batch of rollouts (host side; every process gathers the whole batch)."""
   from rlhf_jax.data import synthetic
   toks, mask, idx = (np.asarray(multihost_utils.process_allgather(x, tiled=True))
