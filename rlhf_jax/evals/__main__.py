@@ -9,6 +9,10 @@ Evaluations: gold (the embedded task's gold score of greedy and sampled response
 --baseline, judged by --judge: gold, train_labeler, heldout_labeler, or rm with --reward_checkpoint),
 truthfulqa (each file of --truthfulqa), piqa, toxicity (RealToxicityPrompts, plain and respectful),
 pretrain_nll (held-out documents of the embedded task's pretraining corpus).
+
+Several processes (a TPU pod, SLURM, launch/local.py) run the same command, each holding its part
+of every batch (rlhf_jax.distributed reads where the others are from the environment); the first
+prints the result.
 """
 import json
 import logging
@@ -34,6 +38,9 @@ _SEED = flags.DEFINE_integer('seed', 0, 'sampling seed')
 def main(argv):
   del argv
   logging.getLogger('absl').setLevel(logging.WARNING)
+  from rlhf_jax import distributed
+  distributed.initialize()
+  import jax
   from rlhf_jax.data import synthetic
   from rlhf_jax.evals import multiple_choice, toxicity, winrate
   from rlhf_jax.evals.lm import LM
@@ -75,7 +82,8 @@ def main(argv):
       out['pretrain_nll'] = multiple_choice.text_loglik(lm, docs, max_len=max_len)['nll_per_token']
     else:
       raise app.UsageError(f'unknown evaluation {name!r}; valid: {_EVALS.help}')
-  print(json.dumps(out, indent=1, default=float))
+  if jax.process_index() == 0:
+    print(json.dumps(out, indent=1, default=float))
 
 
 def _judge(lm):
