@@ -30,5 +30,7 @@ setup(
     ],
     extras_require={
         'test': ['pytest>=8', 'pytest-xdist>=3'],
+        'tpu': ['jax[tpu]>=0.7', 'gcsfs'],  # launch/tpu.py installs this on every worker; gcsfs: gs:// workdirs
+        'cuda12': ['jax[cuda12]>=0.7'],  # GPU nodes (launch/slurm.py)
     },
 )

@@ -1,0 +1,1 @@
+"""Scripts that start runs: several local processes, a Cloud TPU slice, a SLURM job, a sweep."""
