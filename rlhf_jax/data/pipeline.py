@@ -2,8 +2,15 @@
 
 Every pipeline is deterministic from its seed and checkpointable: the iterator's state
 (`get_state()`, a small dict) is saved with the train state, and `set_state` on a fresh pipeline
-continues with the next batch. Each process reads only its slice of the records
-(`records[process_index::process_count]`) and yields its per-host rows of the global batch.
+continues with the next batch.
+
+Several processes: the training streams are defined globally (one shuffle of all records from the
+seed; global batch b is elements [b·G, (b+1)·G) of it) and process p yields rows
+[p·G/n, (p+1)·G/n) of each global batch, encoding only those. So a run sees the same batches, and
+ends with the same numbers, on any number of processes, and a saved position restores on another
+number of processes. (Packed streams are packed globally by every process, which then keeps its
+rows: packing needs every document's length.) Evaluation passes give each process a slice of the
+records; their totals do not depend on how the records are split.
 
 Batches are dicts of int32 [B, T] arrays, the model's inputs:
   tokens; mask (1 = real token); positions (restart at 0 per document); segments (document id
@@ -90,13 +97,69 @@ def _host_slice(records):
   return grain.MapDataset.source(records)[jax.process_index()::jax.process_count()]
 
 
+def _host_rows(ds: grain.MapDataset, global_batch: int) -> grain.MapDataset:
+  """This process's rows of each global batch of the global stream `ds`: its element j is
+  ds[b·G + p·R + r] for j = b·R + r, with R = G / n rows per process."""
+  n, pid = jax.process_count(), jax.process_index()
+  if n == 1:
+    return ds
+  rows = global_batch // n
+  return grain.MapDataset.range(len(ds) // n).map(lambda j: ds[(j // rows) * global_batch + pid * rows + j % rows])
+
+
+def _check_processes(global_batch: int) -> int:
+  n_proc = jax.process_count()
+  if global_batch % n_proc:
+    raise ValueError(f'batch_size={global_batch} is not divisible by the {n_proc} processes')
+  return global_batch // n_proc
+
+
+class Stream:
+  """A training stream: iterating it gives this process's rows of each global batch, through an
+  iterator whose position (`get_state`) records how many processes read it, so that `set_state`
+  restores it on another number of processes."""
+
+  def __init__(self, ds: grain.IterDataset, per_host_index: bool):
+    self.ds, self.per_host_index = ds, per_host_index
+
+  def __iter__(self):
+    return _StreamIterator(iter(self.ds), self.per_host_index)
+
+
+class _StreamIterator:
+  def __init__(self, it, per_host_index: bool):
+    self._it, self._per_host_index = it, per_host_index
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    return next(self._it)
+
+  def get_state(self) -> dict:
+    return {'processes': jax.process_count(), 'grain': self._it.get_state()}
+
+  def set_state(self, state: dict) -> None:
+    if 'grain' not in state:  # saved before positions recorded their process count: same count
+      self._it.set_state(state)
+      return
+    inner, saved, n = dict(state['grain']), state['processes'], jax.process_count()
+    if saved != n and self._per_host_index:
+      # A per-process element index j means global element j·n (see _host_rows).
+      if set(inner) != {'next_index'}:
+        raise ValueError(f'data position {state} was saved by {saved} processes and cannot be converted '
+                         f'for {n}: unknown iterator state')
+      inner['next_index'] = inner['next_index'] * saved // n
+    self._it.set_state(inner)
+
+
 def truncation_count(tok, records: Sequence[Mapping[str, Any]], seq_len: int) -> int:
   """How many records are longer than seq_len (they are truncated, never dropped)."""
   return sum(encode(tok, r, seq_len).truncated for r in records)
 
 
 def train_batches(tok, sources: Sequence[Sequence[Mapping[str, Any]]], *, seq_len: int, global_batch: int,
-                  seed: int, weights: Sequence[float] | None = None, pack: bool = False) -> grain.IterDataset:
+                  seed: int, weights: Sequence[float] | None = None, pack: bool = False) -> Stream:
   """An endless, shuffled (reshuffled every epoch) stream of this host's rows of each global batch.
 
   sources: record lists (demonstrations and/or pretraining documents); with several, they are
@@ -104,21 +167,20 @@ def train_batches(tok, sources: Sequence[Sequence[Mapping[str, Any]]], *, seq_le
   several documents per row (segments keep attention within a document); otherwise one document
   per row, right-padded.
   """
-  n_proc = jax.process_count()
-  if global_batch % n_proc:
-    raise ValueError(f'batch_size={global_batch} is not divisible by the {n_proc} processes')
-  rows = global_batch // n_proc
-  parts = [_host_slice(s).seed(seed + i).shuffle().repeat() for i, s in enumerate(sources)]
+  rows = _check_processes(global_batch)
+  parts = [grain.MapDataset.source(s).seed(seed + i).shuffle().repeat() for i, s in enumerate(sources)]
   ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
-  ds = ds.map(lambda r: encode(tok, r, seq_len))
   if pack:
-    ds = ds.map(lambda e: {'tokens': e.tokens, 'loss_mask': e.loss_mask}).to_iter_dataset()
-    ds = grain_exp.FirstFitPackIterDataset(ds, length_struct={'tokens': seq_len, 'loss_mask': seq_len},
-                                           num_packing_bins=rows, seed=seed, shuffle_bins=False)
-    ds = ds.map(_from_packed)
-  else:
-    ds = ds.map(lambda e: _pad(e, seq_len)).to_iter_dataset()
-  return ds.batch(rows, drop_remainder=True)
+    ds = ds.map(lambda r: encode(tok, r, seq_len)).map(lambda e: {'tokens': e.tokens, 'loss_mask': e.loss_mask})
+    ds = grain_exp.FirstFitPackIterDataset(ds.to_iter_dataset(), num_packing_bins=global_batch, seed=seed,
+                                           length_struct={'tokens': seq_len, 'loss_mask': seq_len}, shuffle_bins=False)
+    ds = ds.map(_from_packed).batch(global_batch, drop_remainder=True)
+    if rows != global_batch:
+      start = jax.process_index() * rows
+      ds = ds.map(lambda b: {k: v[start:start + rows] for k, v in b.items()})
+    return Stream(ds, per_host_index=False)
+  ds = _host_rows(ds, global_batch).map(lambda r: _pad(encode(tok, r, seq_len), seq_len))
+  return Stream(ds.to_iter_dataset().batch(rows, drop_remainder=True), per_host_index=True)
 
 
 def eval_batches(tok, records: Sequence[Mapping[str, Any]], *, seq_len: int, global_batch: int):
@@ -189,15 +251,13 @@ def pairs_of(records: Sequence[Mapping[str, Any]]) -> list[dict]:
 
 
 def ranking_batches(tok, records: Sequence[Mapping[str, Any]], *, seq_len: int, k_max: int,
-                    global_batch: int, seed: int) -> grain.IterDataset:
+                    global_batch: int, seed: int) -> Stream:
   """An endless, shuffled (reshuffled every epoch) stream of this host's rows of each global batch
   of rankings (`encode_ranking`); checkpointable like `train_batches`."""
-  n_proc = jax.process_count()
-  if global_batch % n_proc:
-    raise ValueError(f'batch_size={global_batch} is not divisible by the {n_proc} processes')
-  ds = _host_slice(records).seed(seed).shuffle().repeat()
+  rows = _check_processes(global_batch)
+  ds = _host_rows(grain.MapDataset.source(records).seed(seed).shuffle().repeat(), global_batch)
   ds = ds.map(lambda r: encode_ranking(tok, r, seq_len, k_max)).to_iter_dataset()
-  return ds.batch(global_batch // n_proc, drop_remainder=True)
+  return Stream(ds.batch(rows, drop_remainder=True), per_host_index=True)
 
 
 def ranking_eval_batches(tok, records: Sequence[Mapping[str, Any]], *, seq_len: int, k_max: int,
@@ -228,20 +288,18 @@ def encode_prompt(tok: tokenizers.Tokenizer, prompt: str, prompt_len: int) -> tu
   return ids[0], mask[0]
 
 
-def prompt_batches(tok, prompts: Sequence[str], *, prompt_len: int, global_batch: int, seed: int) -> grain.IterDataset:
+def prompt_batches(tok, prompts: Sequence[str], *, prompt_len: int, global_batch: int, seed: int) -> Stream:
   """An endless, shuffled (reshuffled every epoch) stream of this host's rows of each global batch of
   prompts: prompt_ids, prompt_mask [B, P] (left-padded) and index [B] (the prompt's position in
   `prompts`, for looking up its text). Checkpointable like `train_batches`."""
-  n_proc = jax.process_count()
-  if global_batch % n_proc:
-    raise ValueError(f'batch_size={global_batch} is not divisible by the {n_proc} processes')
+  rows = _check_processes(global_batch)
 
   def enc(r):
     ids, mask = encode_prompt(tok, r['prompt'], prompt_len)
     return {'prompt_ids': ids, 'prompt_mask': mask, 'index': np.int32(r['index'])}
   records = [{'prompt': p, 'index': i} for i, p in enumerate(prompts)]
-  ds = _host_slice(records).seed(seed).shuffle().repeat().map(enc).to_iter_dataset()
-  return ds.batch(global_batch // n_proc, drop_remainder=True)
+  ds = _host_rows(grain.MapDataset.source(records).seed(seed).shuffle().repeat(), global_batch)
+  return Stream(ds.map(enc).to_iter_dataset().batch(rows, drop_remainder=True), per_host_index=True)
 
 
 class Zip:
