@@ -8,16 +8,17 @@ restores onto any mesh shape.
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
+from rlhf_jax import fs
+
 
 class Checkpointer:
   def __init__(self, directory: str, max_to_keep: int | None = 3):
-    self.directory = os.path.abspath(directory)
+    self.directory = fs.absolute(directory)
     # Handlers registered up front, so a fresh manager can read a checkpoint's metadata and
     # restore part of a state (params only) as well as all of it.
     self._mngr = ocp.CheckpointManager(

@@ -6,11 +6,12 @@ Train steps return scalar metrics as device arrays; the loop fetches them once p
 from __future__ import annotations
 
 import json
-import os
 import time
 from typing import Mapping
 
 import jax
+
+from rlhf_jax import fs
 
 
 class Writer:
@@ -20,11 +21,10 @@ class Writer:
     self._tb = None
     if not self.active:
       return
-    os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+    self._jsonl = fs.LineFile(fs.join(workdir, 'metrics.jsonl'))
     if tensorboard:
       from tensorboardX import SummaryWriter  # writes event files without TensorFlow
-      self._tb = SummaryWriter(os.path.join(workdir, 'tb'))
+      self._tb = SummaryWriter(fs.join(workdir, 'tb'))
 
   def write(self, step: int, metrics: Mapping[str, float]) -> None:
     if not self.active:
@@ -32,8 +32,7 @@ class Writer:
     record = {'step': int(step), 'time': time.time(), **{k: float(v) for k, v in metrics.items()}}
     if self.stage:
       record['stage'] = self.stage
-    self._jsonl.write(json.dumps(record) + '\n')
-    self._jsonl.flush()
+    self._jsonl.append(json.dumps(record))
     if self._tb is not None:
       for k, v in metrics.items():
         self._tb.add_scalar(k, float(v), int(step))
@@ -47,8 +46,7 @@ class Writer:
 
 def read(workdir: str) -> list[dict]:
   """The records of a run's metrics.jsonl (for reports, tests and notebooks)."""
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in fs.read_text(fs.join(workdir, 'metrics.jsonl')).splitlines() if line.strip()]
 
 
 def fetch(metrics_list) -> dict[str, float]:

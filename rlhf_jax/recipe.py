@@ -11,11 +11,12 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import time
 
 import jax
 import ml_collections
+
+from rlhf_jax import fs
 
 log = logging.getLogger('rlhf_jax')
 
@@ -32,11 +33,11 @@ ORDER = tuple(INPUTS) + ('evals',)
 
 
 def checkpoints(workdir: str, name: str) -> str:
-  return os.path.join(workdir, name, 'checkpoints')
+  return fs.join(workdir, name, 'checkpoints')
 
 
 def done_path(workdir: str, name: str) -> str:
-  return os.path.join(workdir, name, 'done.json')
+  return fs.join(workdir, name, 'done.json')
 
 
 def stage_config(c: ml_collections.ConfigDict, name: str, workdir: str) -> ml_collections.ConfigDict:
@@ -51,10 +52,7 @@ def stage_config(c: ml_collections.ConfigDict, name: str, workdir: str) -> ml_co
 
 def _write_json(path: str, obj) -> None:
   if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + '.tmp', 'w') as f:
-      json.dump(obj, f, indent=1, default=float)
-    os.replace(path + '.tmp', path)
+    fs.write_text(path, json.dumps(obj, indent=1, default=float))
 
 
 def run(c: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -69,18 +67,18 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict:
   report = None
   for name in sorted(stages, key=ORDER.index):
     done = done_path(workdir, name)
-    if os.path.exists(done):
+    if fs.exists(done):
       log.info('[%s] finished earlier (%s): skipped', name, done)
       continue
-    log.info('[%s] starting in %s', name, os.path.join(workdir, name))
+    log.info('[%s] starting in %s', name, fs.join(workdir, name))
     t0 = time.time()
     if name == 'evals':
       from rlhf_jax.evals import report as report_lib
       report = report_lib.evaluate_recipe(c, workdir)
-      result = {'report': os.path.join(workdir, 'report.json')}
+      result = {'report': fs.join(workdir, 'report.json')}
     else:
       sub = stage_config(c, name, workdir)
-      result = train[sub.stage](sub, os.path.join(workdir, name))
+      result = train[sub.stage](sub, fs.join(workdir, name))
     timings[name] = time.time() - t0
     _write_json(done, {'seconds': timings[name], 'result': result})
     log.info('[%s] done in %.0f s', name, timings[name])

@@ -22,7 +22,7 @@ import numpy as np
 import tqdm
 from jax.experimental import multihost_utils
 
-from rlhf_jax import checkpoint, metrics, optim, ppo, reward, sharding, steps, tokenizers
+from rlhf_jax import checkpoint, fs, metrics, optim, ppo, reward, sharding, steps, tokenizers
 from rlhf_jax import model as model_lib
 from rlhf_jax import state as state_lib
 from rlhf_jax.data import datasets, pipeline
@@ -330,10 +330,9 @@ def _with_policy_comparisons(c, data: dict, tok, mesh, workdir: str) -> dict:
     raise ValueError(f"data.comparisons={src!r} needs the embedded task's labelers (data.source='synthetic')")
   if not c.init.checkpoint:
     raise ValueError(f'data.comparisons={src!r} samples the policy in init.checkpoint, which is empty')
-  path = os.path.join(workdir, 'policy_comparisons.json')
-  if os.path.exists(path):
-    with open(path) as f:
-      pc = json.load(f)
+  path = fs.join(workdir, 'policy_comparisons.json')
+  if fs.exists(path):
+    pc = json.loads(fs.read_text(path))
   else:
     from rlhf_jax.evals.lm import LM
     policy = build_model(c)
@@ -346,10 +345,7 @@ def _with_policy_comparisons(c, data: dict, tok, mesh, workdir: str) -> dict:
     pc = {split: datasets.policy_comparisons(c, sample, split, n)
           for split, n in (('train', c.data.n_policy), ('valid', c.data.n_policy_valid))}
     if jax.process_index() == 0:
-      os.makedirs(workdir, exist_ok=True)
-      with open(path + '.tmp', 'w') as f:
-        json.dump(pc, f)
-      os.replace(path + '.tmp', path)
+      fs.write_text(path, json.dumps(pc))
   log.info('policy comparisons: %d train, %d validation groups', len(pc['train']['train']),
            len(pc['valid']['train']))
   out = dict(data, train=pc['train']['train'] + (data['train'] if src == 'both' else []))

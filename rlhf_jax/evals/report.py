@@ -17,6 +17,7 @@ plus the reward model's held-out accuracy (from its run) and the PPO runs' rewar
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -27,7 +28,7 @@ import jax
 import numpy as np
 
 from rlhf_jax import metrics as metrics_lib
-from rlhf_jax import recipe, sharding, tokenizers
+from rlhf_jax import fs, recipe, sharding, tokenizers
 from rlhf_jax.evals import winrate
 from rlhf_jax.evals.lm import LM
 
@@ -161,7 +162,7 @@ def frontier(workdir: str, stage: str) -> list[dict]:
 
 def curves(workdir: str, stages: list[str]) -> dict[str, list[dict]]:
   return {s: metrics_lib.read(os.path.join(workdir, s)) for s in stages
-          if os.path.exists(os.path.join(workdir, s, 'metrics.jsonl'))}
+          if fs.exists(os.path.join(workdir, s, 'metrics.jsonl'))}
 
 
 # ----------------------------------------------------------------------------
@@ -210,7 +211,7 @@ def evaluate_recipe(c, workdir: str) -> dict:
       'comparisons': comparisons,
       'reward_model': rm_figures(workdir),
       'ppo_frontier': {s: frontier(workdir, s) for s in ('ppo', 'ppo_ptx')
-                       if os.path.exists(os.path.join(workdir, s, 'metrics.jsonl'))},
+                       if fs.exists(os.path.join(workdir, s, 'metrics.jsonl'))},
       'toxicity_scorer': agreement,
       'stage_seconds': _stage_seconds(workdir),
       'eval_seconds': time.time() - t0,
@@ -224,9 +225,8 @@ def _stage_seconds(workdir: str) -> dict:
   out = {}
   for s in recipe.INPUTS:
     p = recipe.done_path(workdir, s)
-    if os.path.exists(p):
-      with open(p) as f:
-        out[s] = json.load(f)['seconds']
+    if fs.exists(p):
+      out[s] = json.loads(fs.read_text(p))['seconds']
   return out
 
 
@@ -235,11 +235,9 @@ def _stage_seconds(workdir: str) -> dict:
 
 
 def write(report: dict, stage_curves: dict, workdir: str, *, plots: bool = True) -> None:
-  with open(os.path.join(workdir, 'report.json'), 'w') as f:
-    json.dump(report, f, indent=1, default=float)
+  fs.write_text(os.path.join(workdir, 'report.json'), json.dumps(report, indent=1, default=float))
   images = plot(report, stage_curves, workdir) if plots else []
-  with open(os.path.join(workdir, 'report.md'), 'w') as f:
-    f.write(markdown(report, images))
+  fs.write_text(os.path.join(workdir, 'report.md'), markdown(report, images))
   log.info('report: %s', os.path.join(workdir, 'report.md'))
 
 
@@ -322,7 +320,9 @@ def plot(report: dict, stage_curves: dict, workdir: str) -> list[str]:
 
   def save(fig, name):
     fig.tight_layout()
-    fig.savefig(os.path.join(workdir, name), dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, format='png', dpi=110)
+    fs.write_bytes(os.path.join(workdir, name), buf.getvalue())
     plt.close(fig)
     out.append(name)
 
