@@ -10,6 +10,8 @@ accuracy) -> report.json, report.md and plots in the workdir.
 Each stage is a full stage config (experiments/sft.py, rm.py, ppo.py) under its name and runs in
 `<workdir>/<name>`; finished stages are skipped, an interrupted one resumes. Sizes: smoke (tests,
 seconds), tiny (2 CPU cores, the README's figures), 1.3b (InstructGPT's shapes and settings).
+`:target=v4-64` lays every stage out on that machine (`common.TARGETS`); the RM stage here has the
+policy's size (InstructGPT's RM is 6B for every policy size).
 
 python -m rlhf_jax.main --config=experiments/instructgpt.py:tiny --workdir=runs/tiny
 python -m rlhf_jax.main --config=experiments/instructgpt.py:tiny --workdir=runs/tiny --config.stages=sft,sft_mix
@@ -24,9 +26,9 @@ DATA = '../shared/data'
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, size='tiny', smoke=False)
+  arg = common.parse_arg(arg, size='tiny', smoke=False, target='')
   size = 'smoke' if arg.smoke else arg.size
-  name = f'size={size}' if not arg.smoke else 'smoke'
+  name = (f'size={size}' if not arg.smoke else 'smoke') + (f',target={arg.target}' if arg.target else '')
   c = ml_collections.ConfigDict()
   c.stage = 'recipe'
   c.stages = 'sft,sft_mix,rm,ppo,ppo_ptx,evals'

@@ -9,9 +9,13 @@ one epoch, β = 0.02, constant LR after 10 warm-up iterations, value LR 9e-6, EM
 OAI-2019 settings (adaptive KL, reward whitening, a -1 score for responses with no stop token).
 `:gold=True` replaces the RM by the embedded task's gold labeler (the oracle upper bound of
 Gao et al. 2022; the value network then starts from the SFT trunk with a fresh head).
+`:target=v5p-256` (or another of `common.TARGETS`) lays a full-size run out on that machine
+(`common.mesh_for`). The RM's and the value network's shape is the RM checkpoint's (InstructGPT: 6B
+for every policy size), not a key of this config.
 
 python -m rlhf_jax.main --config=experiments/ppo.py:tiny --config.init.checkpoint=runs/sft_tiny/checkpoints \\
     --config.init.reward_checkpoint=runs/rm_tiny/checkpoints --workdir=runs/ppo_tiny
+python -m rlhf_jax.memory --config=experiments/ppo.py:size=175b,target=v5p-256 --reward_size=6b
 """
 import ml_collections
 
@@ -19,7 +23,8 @@ from experiments import common
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, size='tiny', smoke=False, ptx=False, oai=False, gold=False, data='synthetic')
+  arg = common.parse_arg(arg, size='tiny', smoke=False, ptx=False, oai=False, gold=False, data='synthetic',
+                         target='')
   size = 'smoke' if arg.smoke else arg.size
   cpu = size in common.CPU_SIZES
   synthetic = arg.data == 'synthetic'
@@ -67,6 +72,9 @@ def get_config(arg=None):
     c.train.update(batch_size=16, steps=4, log_every=1, eval_every=2, eval_batch_size=16, checkpoint_every=2)
     c.data.gen_len = c.eval.gen_len = 8
   c.mesh = common.mesh()
+  B, mbs = c.train.batch_size, c.ppo.minibatches
+  common.use_target(c, size, arg.target, {'train.batch_size': B, 'train.batch_size / ppo.minibatches': B // mbs,
+                                          'train.eval_batch_size': c.train.eval_batch_size})
   return c
 
 

@@ -6,13 +6,15 @@ held-out labeler and the gold labeler. Sizes: smoke (tests), tiny (2 CPU cores),
 RM: 1 epoch, lr 9e-6, cosine to 10 %, 64 prompts per batch, each with all its C(K, 2) pairs).
 `:flat=True` is the shuffled-pairs ablation; `:norm=reference` the OAI-2019 normalisation;
 `:comparisons=policy` ranks K samples of the SFT policy per prompt (as InstructGPT collects its
-comparisons) instead of the task's candidate generator (`both`: the two together).
+comparisons) instead of the task's candidate generator (`both`: the two together). `:target=v4-64`
+(or another of `common.TARGETS`) lays a full-size run out on that machine (`common.mesh_for`).
 
 python -m rlhf_jax.main --config=experiments/rm.py:tiny --config.init.checkpoint=runs/sft_tiny/checkpoints \\
     --workdir=runs/rm_tiny
 python -m rlhf_jax.main --config=experiments/rm.py:smoke,data=oasst_rankings --workdir=runs/rm_oasst
 python -m rlhf_jax.main --config=experiments/rm.py:size=6b,data=oasst_rankings --config.data.manual_dir=/data/oasst \\
     --config.init.checkpoint=gs://bucket/sft_6b/checkpoints --workdir=gs://bucket/rm_6b
+python -m rlhf_jax.memory --config=experiments/rm.py:size=6b,target=v4-64   # will it fit?
 """
 import ml_collections
 
@@ -21,7 +23,7 @@ from experiments import common
 
 def get_config(arg=None):
   arg = common.parse_arg(arg, size='tiny', smoke=False, flat=False, norm='demonstrations', data='synthetic',
-                         comparisons='candidates')
+                         comparisons='candidates', target='')
   size = 'smoke' if arg.smoke else arg.size
   cpu = size in common.CPU_SIZES
   synthetic = arg.data == 'synthetic'
@@ -57,6 +59,8 @@ def get_config(arg=None):
                    checkpoint_every=3)
     c.eval.update(gen_len=8)
     c.norm.n = 16
+  common.use_target(c, size, arg.target, {'train.batch_size': c.train.batch_size,
+                                          'train.eval_batch_size': c.train.eval_batch_size})
   return c
 
 

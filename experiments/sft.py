@@ -4,11 +4,14 @@ The default trains on the embedded task (demonstrations from a noisy demonstrato
 code). Sizes: smoke (seconds, tests), tiny (2 CPU cores, minutes), 1.3b / 6b / 175b (InstructGPT's
 policies, with its hyperparameters: 16 epochs, cosine to 10 %, no warm-up, residual dropout 0.2,
 Adam b2 0.95). `:mix=True` is the "SFT + 10 % pretraining" run that PPO starts from (2 epochs).
+`:target=v4-64` (or another of `common.TARGETS`) lays a full-size run out on that machine
+(`common.mesh_for`).
 
 python -m rlhf_jax.main --config=experiments/sft.py:tiny --workdir=runs/sft_tiny
 python -m rlhf_jax.main --config=experiments/sft.py:smoke,data=oasst_demos --workdir=runs/sft_oasst
 python -m rlhf_jax.main --config=experiments/sft.py:size=1.3b,data=oasst_demos \\
     --config.data.manual_dir=/data/oasst --workdir=gs://bucket/sft_1b
+python -m rlhf_jax.memory --config=experiments/sft.py:size=6b,target=v4-64   # will it fit?
 """
 import ml_collections
 
@@ -16,7 +19,7 @@ from experiments import common
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, size='tiny', smoke=False, mix=False, data='synthetic')
+  arg = common.parse_arg(arg, size='tiny', smoke=False, mix=False, data='synthetic', target='')
   size = 'smoke' if arg.smoke else arg.size
   cpu = size in common.CPU_SIZES
   c = ml_collections.ConfigDict()
@@ -50,6 +53,8 @@ def get_config(arg=None):
     c.train.update(batch_size=8, epochs=0, steps=6, log_every=2, eval_every=3, eval_batch_size=16,
                    checkpoint_every=3)
     c.eval.update(gold_prompts=8, gen_len=8)
+  common.use_target(c, size, arg.target, {'train.batch_size': c.train.batch_size,
+                                          'train.eval_batch_size': c.train.eval_batch_size})
   return c
 
 
