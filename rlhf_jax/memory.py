@@ -48,7 +48,7 @@ RM_K = 9   # InstructGPT's largest K: the responses per prompt when `data.k_max`
 LABELS = {
     'params': 'parameters',
     'opt_state': 'optimizer state',
-    'grads': 'gradients',
+    'grads': 'gradients (and accumulators)',
     'ema': 'EMA of the policy',
     'reference': 'reference policy (frozen)',
     'reward_model': 'reward model (frozen)',
@@ -216,22 +216,26 @@ def models(c: ml_collections.ConfigDict, reward_model: Mapping[str, Any] | None 
           'value': None if shared else rm, 'reward': None if gold else rm}
 
 
-def _train_passes(c, roles) -> list[tuple[model_lib.ModelConfig, int, int, int]]:
+def _train_passes(c, roles) -> list[list[tuple[model_lib.ModelConfig, int, int, int]]]:
   """(model, rows, sequence length, logits length) of each forward pass whose activations one train
-  step keeps for its backward pass."""
+  step keeps for its backward pass, in groups: the passes of a group are alive together, the groups
+  one after another (PPO-ptx with ptx_microbatches > 1: the PPO minibatch, then each pretraining
+  chunk)."""
   if c.stage == 'sft':
-    return [(roles['policy'], c.train.batch_size, c.data.seq_len, c.data.seq_len)]
+    return [[(roles['policy'], c.train.batch_size, c.data.seq_len, c.data.seq_len)]]
   if c.stage == 'rm':   # one row per response: K of them per prompt; the scalar head, no logits
     k = 2 if c.rm.mode == 'flat' else (c.data.k_max or RM_K)
-    return [(roles['reward'], c.train.batch_size * k, c.data.seq_len, 0)]
+    return [[(roles['reward'], c.train.batch_size * k, c.data.seq_len, 0)]]
   mb = c.train.batch_size // c.ppo.minibatches     # one PPO minibatch: policy logits over the response
   T, N = c.data.prompt_len + c.data.gen_len, c.data.gen_len
   passes = [(roles['policy'], mb, T, N)]
   if roles['value'] is not None:
     passes.append((roles['value'], mb, T, 0))
-  if c.ppo.ptx_coef:  # PPO-ptx: the pretraining rows of the same minibatch, in the same loss
-    passes.append((roles['policy'], c.ppo.ptx_ratio * mb, c.data.ptx_seq_len, c.data.ptx_seq_len))
-  return passes
+  if not c.ppo.ptx_coef:
+    return [passes]
+  chunks = c.ppo.get('ptx_microbatches', 1)   # PPO-ptx: the pretraining rows of the same minibatch
+  ptx = (roles['policy'], c.ppo.ptx_ratio * mb // chunks, c.data.ptx_seq_len, c.data.ptx_seq_len)
+  return [passes + [ptx]] if chunks == 1 else [passes, [ptx]]
 
 
 def _items(d: Mapping) -> tuple:
@@ -291,13 +295,15 @@ def estimate(c: ml_collections.ConfigDict, *, n_devices: int | None = None, memo
       else:
         abstract, spec = abstract_state(('params', roles[role]), 0)
       items[key], trees[role] = tree_bytes(abstract, spec, mesh.shape), abstract
+    if c.ppo.ptx_coef and c.ppo.get('ptx_microbatches', 1) > 1:   # the pretraining gradient's accumulator
+      items['grads'] += tree_bytes(state.params['policy'], specs.params['policy'], mesh.shape)
 
   remat = c.model.remat
   passes = _train_passes(c, roles)
   for mode in ('none', 'dots', 'full') if remat == 'dots' else ('none', 'full'):
-    items[f'activations_{mode}'] = sum(
+    items[f'activations_{mode}'] = max(sum(
         activation_bytes(m, rows, T, batch_shards=batch_shards, tensor=tensor, remat=mode, logits_len=lt)
-        for m, rows, T, lt in passes)
+        for m, rows, T, lt in group) for group in passes)
   if c.stage == 'ppo':
     items['kv_cache'] = kv_cache_bytes(roles['policy'], c.train.batch_size, c.data.prompt_len + c.data.gen_len,
                                        batch_shards=batch_shards, tensor=tensor)

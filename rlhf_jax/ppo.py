@@ -18,7 +18,10 @@ any padding of the response (left or right), as long as its real tokens are cont
 
 PPO-ptx: the pretraining term is γ times the *per-token mean* negative log-likelihood of the
 pretraining minibatch (the same normalisation as the SFT loss), added to the PPO loss; the paper
-does not say which normalisation it used.
+does not say which normalisation it used. At full size the pretraining rows of one minibatch (8 per
+episode, 2048 tokens each) do not fit in memory at once: with `ptx_microbatches` = k > 1 their
+gradient is accumulated over k chunks (a `lax.scan`; sums of token NLLs and of token counts, so the
+per-token mean is the same as in one pass) and added to the PPO gradient before the one step.
 """
 from __future__ import annotations
 
@@ -65,6 +68,7 @@ class PPOConfig:
   value_model: str = 'separate'    # 'separate' (initialised from the RM) or 'shared' (policy trunk + zero head)
   ptx_coef: float = 0.0            # PPO-ptx γ (InstructGPT: 27.8); 0 = plain PPO
   ptx_ratio: int = 8               # pretraining sequences per PPO episode in each minibatch
+  ptx_microbatches: int = 1        # the pretraining gradient accumulated over this many chunks (memory)
   ema_decay: float = 0.992         # EMA of policy weights per optimizer step (0 = off)
 
   def __post_init__(self):
@@ -72,7 +76,7 @@ class PPOConfig:
       raise ValueError(f'ppo.kl_estimator={self.kl_estimator!r}; valid: {KL_ESTIMATORS}')
     if self.value_model not in VALUE_MODELS:
       raise ValueError(f'ppo.value_model={self.value_model!r}; valid: {VALUE_MODELS}')
-    for k in ('epochs', 'minibatches'):
+    for k in ('epochs', 'minibatches', 'ptx_microbatches'):
       if getattr(self, k) < 1:
         raise ValueError(f'ppo.{k} must be >= 1, got {getattr(self, k)}')
 
@@ -410,12 +414,45 @@ def minibatch_loss(params, mb, ptx, *, models: Models, cfg: PPOConfig):
   return loss, aux
 
 
+def ptx_gradient(policy_params, ptx, *, models: Models, cfg: PPOConfig):
+  """(γ · gradient of the per-token mean pretraining NLL of `ptx`, that mean), accumulated over
+  `cfg.ptx_microbatches` chunks of its rows: only one chunk's activations are alive at a time."""
+  k = cfg.ptx_microbatches
+  if ptx['tokens'].shape[0] % k:
+    raise ValueError(f"{ptx['tokens'].shape[0]} pretraining rows per minibatch do not split into "
+                     f'ppo.ptx_microbatches={k}')
+  chunks = jax.tree.map(lambda a: a.reshape(k, a.shape[0] // k, *a.shape[1:]), ptx)   # [k, R / k, T]
+
+  def nll_sum(params, rows):
+    logits = models.policy.apply({'params': params}, rows['tokens'], rows['positions'], rows['mask'],
+                                 segments=rows.get('segments'), method='trunk')[0]
+    logits = models.policy.apply({'params': params}, logits, method='logits')
+    targets, mask = losses.next_token_targets(rows['tokens'], rows['loss_mask'])
+    return -(losses.token_logprobs(logits, targets) * mask).sum(), mask.sum()
+
+  def body(carry, rows):
+    g_sum, nll, n = carry
+    (s, count), g = jax.value_and_grad(nll_sum, has_aux=True)(policy_params, rows)
+    return (jax.tree.map(jnp.add, g_sum, g), nll + s, n + count), None
+
+  zero = jax.tree.map(jnp.zeros_like, policy_params)
+  (g_sum, nll, n), _ = jax.lax.scan(body, (zero, jnp.zeros(()), jnp.zeros(())), chunks)
+  n = jnp.maximum(n, 1)
+  return jax.tree.map(lambda g: cfg.ptx_coef * g / n, g_sum), nll / n
+
+
 def minibatch_step(state: PPOState, mb, ptx, *, models: Models, cfg: PPOConfig, tx):
   """One optimizer step on one minibatch (and its pretraining minibatch): the unit that `update`
   scans over. A non-finite loss or gradient leaves params, optimizer and EMA unchanged and
   records the iteration in `bad_step`."""
-  (loss, aux), grads = jax.value_and_grad(minibatch_loss, has_aux=True)(state.params, mb, ptx, models=models,
-                                                                          cfg=cfg)
+  accumulate = ptx is not None and cfg.ptx_microbatches > 1
+  (loss, aux), grads = jax.value_and_grad(minibatch_loss, has_aux=True)(
+      state.params, mb, None if accumulate else ptx, models=models, cfg=cfg)
+  if accumulate:
+    g_ptx, ptx_loss = ptx_gradient(state.params['policy'], ptx, models=models, cfg=cfg)
+    grads = dict(grads, policy=jax.tree.map(jnp.add, grads['policy'], g_ptx))
+    loss = loss + cfg.ptx_coef * ptx_loss
+    aux.update({'ppo/ptx_loss': ptx_loss, 'ppo/loss': loss})
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   params, opt_state = state_lib.apply_if_finite(state.params, state.opt_state, grads, tx, finite)

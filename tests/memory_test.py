@@ -129,6 +129,29 @@ def test_parameter_bytes_at_full_size_by_hand():
   assert est['items']['opt_state'] == 2 * est['items']['params'] + 2 * 4
 
 
+def test_ptx_accumulation_trades_activations_for_a_gradient_accumulator():
+  """PPO-ptx at full size: with the pretraining rows in k chunks, the step keeps the larger of the
+  PPO minibatch's and one chunk's activations (not their sum), plus one more policy-sized gradient."""
+  c = ppo_config.get_config('size=1.3b,ptx=True,target=gpu-8xh100')
+  k = c.ppo.ptx_microbatches
+  assert k == c.ppo.ptx_ratio == 8
+  est = memory.estimate(c)
+  with c.unlocked():
+    c.ppo.ptx_microbatches = 1
+  one = memory.estimate(c)
+  cfg = model_lib.ModelConfig.from_dict(c.model.to_dict())
+  mb, shards = c.train.batch_size // c.ppo.minibatches, 8
+  act = lambda rows, T, lt: memory.activation_bytes(cfg, rows, T, batch_shards=shards, tensor=1,  # noqa: E731
+                                                    remat='full', logits_len=lt)
+  T, N, S = c.data.prompt_len + c.data.gen_len, c.data.gen_len, c.data.ptx_seq_len
+  ppo_passes = act(mb, T, N) + memory.activation_bytes(memory.models(c)['value'], mb, T, batch_shards=shards,
+                                                       tensor=1, remat='full', logits_len=0)
+  assert one['items']['activations_full'] == ppo_passes + act(c.ppo.ptx_ratio * mb, S, S)
+  assert est['items']['activations_full'] == max(ppo_passes, act(c.ppo.ptx_ratio * mb // k, S, S))
+  assert est['items']['grads'] > one['items']['grads'] == one['items']['params']
+  assert not one['fits'] and est['fits']     # 81 GiB a GPU in one pass (of 80), 21 GiB in 8 chunks
+
+
 def test_activations_by_hand():
   """One small shape, by hand, against Korthikanti et al. 2022 eq. 2 (with tensor parallelism t):
   s·b·h·(10 + 24/t) + (6 instead of 5)·a·s²·b/t bytes per layer for 16-bit activations, gpt2 MLP

@@ -219,6 +219,29 @@ def test_ptx_with_zero_coefficient_is_ppo_and_its_gradient_is_the_sum(one_device
   assert float(optax.tree.norm(g_ptx)) > 0
 
 
+def test_accumulated_ptx_gradient_equals_one_pass(one_device):
+  """ptx_microbatches = 4: the pretraining gradient summed over 4 chunks of rows (with token counts
+  that differ per chunk) gives the same step as one pass over all the rows."""
+  mesh, cfg, state, _, ref, rm, batch, sample = one_device
+  cfg = dataclasses.replace(cfg, ptx_coef=2.5)
+  roll, _ = _jit(ppo.score, mesh, models=MODELS, cfg=cfg)(state, ref, rm, batch, sample)
+  mb = jax.device_get(jax.tree.map(lambda a: a[:8], roll))
+  ptx = _ptx_batch(16)
+  ptx['loss_mask'][:4, 7:] = 0        # the first chunk has fewer scored tokens: a mean of chunk means would differ
+  copy = lambda t: jax.tree.map(jnp.copy, t)  # noqa: E731
+  step = lambda c: jax.jit(functools.partial(ppo.minibatch_step, models=MODELS, cfg=c, tx=TX))(  # noqa: E731
+      copy(state), mb, ptx)
+  want, want_aux = step(cfg)
+  got, got_aux = step(dataclasses.replace(cfg, ptx_microbatches=4))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6),
+               got.params, want.params)
+  for k in ('ppo/ptx_loss', 'ppo/loss', 'ppo/grad_norm', 'ppo/policy_loss'):
+    np.testing.assert_allclose(float(got_aux[k]), float(want_aux[k]), rtol=1e-5, err_msg=k)
+  assert not jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), got.params, state.params))
+  with pytest.raises(ValueError, match='do not split into ppo.ptx_microbatches=3'):
+    step(dataclasses.replace(cfg, ptx_microbatches=3))
+
+
 def test_shared_value_head_starts_at_zero_and_trains(one_device):
   """OAI-2019's option: values from a zero-initialised head on the policy trunk."""
   mesh, _, _, _, ref, rm, batch, sample = one_device
