@@ -10,8 +10,9 @@ accuracy) -> report.json, report.md and plots in the workdir.
 Each stage is a full stage config (experiments/sft.py, rm.py, ppo.py) under its name and runs in
 `<workdir>/<name>`; finished stages are skipped, an interrupted one resumes. Sizes: smoke (tests,
 seconds), tiny (2 CPU cores, the README's figures), 1.3b (InstructGPT's shapes and settings).
-`:target=v4-64` lays every stage out on that machine (`common.TARGETS`); the RM stage here has the
-policy's size (InstructGPT's RM is 6B for every policy size).
+`:target=v4-64` lays every stage out on that machine (`common.TARGETS`). At 1.3b and 175b the RM
+(and so PPO's value network) is 6B, as in InstructGPT, trained from a 6B SFT run (stage `sft_rm`,
+on the same demonstrations); at 6b and the CPU sizes it starts from the policy's SFT + mix run.
 
 python -m rlhf_jax.main --config=experiments/instructgpt.py:tiny --workdir=runs/tiny
 python -m rlhf_jax.main --config=experiments/instructgpt.py:tiny --workdir=runs/tiny --config.stages=sft,sft_mix
@@ -35,6 +36,12 @@ def get_config(arg=None):
   c.sft = sft.get_config(name)
   c.sft_mix = sft.get_config(name + ',mix=True')
   c.rm = rm.get_config(name + ',comparisons=both')
+  if size not in common.CPU_SIZES and size != '6b':   # InstructGPT: a 6B RM for every policy size
+    rm_name = 'size=6b' + (f',target={arg.target}' if arg.target else '')
+    c.sft_rm = sft.get_config(rm_name)
+    c.rm = rm.get_config(rm_name + ',comparisons=both')
+    c.rm.init.checkpoint = '{workdir}/sft_rm/checkpoints'
+    c.stages = 'sft,sft_mix,sft_rm,rm,ppo,ppo_ptx,evals'
   c.ppo = ppo.get_config(name)
   c.ppo_ptx = ppo.get_config(name + ',ptx=True')
   if size == 'tiny':   # 2 CPU cores, within 20 minutes in all (README: the measured times and figures)

@@ -3,7 +3,9 @@ evaluations and a report (experiments/instructgpt.py).
 
 Each stage is an ordinary stage config (experiments/sft.py, rm.py, ppo.py) nested in the recipe's
 config under its name, and runs in `<workdir>/<name>`. A stage whose `init.*` checkpoint is empty
-reads the previous stage's (the table `INPUTS`); one given in the config is used as is. A stage that
+reads the previous stage's (the table `INPUTS`); one given in the config is used as is, with
+`{workdir}` standing for the recipe's workdir (`rm.init.checkpoint='{workdir}/sft_rm/checkpoints'`:
+the full-size recipe's 6B RM starts from a 6B SFT run, whatever the policy's size). A stage that
 finished (its `done.json` exists) is skipped; an interrupted one resumes from its checkpoints.
 """
 from __future__ import annotations
@@ -24,6 +26,7 @@ log = logging.getLogger('rlhf_jax')
 INPUTS = {
     'sft': {},
     'sft_mix': {'checkpoint': 'sft'},
+    'sft_rm': {},      # an SFT run of the RM's shape when it differs from the policy's (InstructGPT: 6B)
     'rm': {'checkpoint': 'sft_mix'},
     'ppo': {'checkpoint': 'sft_mix', 'reward_checkpoint': 'rm'},
     'ppo_ptx': {'checkpoint': 'sft_mix', 'reward_checkpoint': 'rm'},
@@ -44,6 +47,9 @@ def stage_config(c: ml_collections.ConfigDict, name: str, workdir: str) -> ml_co
   """The config stage `name` runs with: its own, inputs filled in from earlier stages' workdirs."""
   sub = copy.deepcopy(c[name])
   with sub.unlocked():
+    for key, value in sub.init.items():
+      if isinstance(value, str) and '{workdir}' in value:
+        sub.init[key] = value.replace('{workdir}', workdir)
     for key, src in INPUTS[name].items():
       if not sub.init[key]:
         sub.init[key] = checkpoints(workdir, src)

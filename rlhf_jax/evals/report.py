@@ -36,7 +36,7 @@ log = logging.getLogger('rlhf_jax')
 
 REPORT_VERSION = 1
 LABELS = {'untrained': 'untrained', 'sft': 'SFT', 'sft_mix': 'SFT + mix', 'ppo': 'PPO', 'ppo_ptx': 'PPO-ptx',
-          'sft_large': 'SFT (large)'}
+          'sft_large': 'SFT (large)', 'sft_rm': 'SFT (RM shape)'}
 
 
 # ----------------------------------------------------------------------------
