@@ -36,14 +36,16 @@ def get_config(arg=None):
   c.sft = sft.get_config(name)
   c.sft_mix = sft.get_config(name + ',mix=True')
   c.rm = rm.get_config(name + ',comparisons=both')
+  c.ppo = ppo.get_config(name)
+  c.ppo_ptx = ppo.get_config(name + ',ptx=True')
   if size not in common.CPU_SIZES and size != '6b':   # InstructGPT: a 6B RM for every policy size
     rm_name = 'size=6b' + (f',target={arg.target}' if arg.target else '')
     c.sft_rm = sft.get_config(rm_name)
     c.rm = rm.get_config(rm_name + ',comparisons=both')
     c.rm.init.checkpoint = '{workdir}/sft_rm/checkpoints'
+    c.ppo = ppo.get_config(name + ',rm_size=6b')
+    c.ppo_ptx = ppo.get_config(name + ',ptx=True,rm_size=6b')
     c.stages = 'sft,sft_mix,sft_rm,rm,ppo,ppo_ptx,evals'
-  c.ppo = ppo.get_config(name)
-  c.ppo_ptx = ppo.get_config(name + ',ptx=True')
   if size == 'tiny':   # 2 CPU cores, within 20 minutes in all (README: the measured times and figures)
     for s in (c.sft, c.sft_mix):   # packed rows: ~4 demonstrations per 128 tokens instead of 1 per 64
       s.data.update(pack=True, seq_len=128)

@@ -24,7 +24,7 @@ from experiments import common
 
 def get_config(arg=None):
   arg = common.parse_arg(arg, size='tiny', smoke=False, ptx=False, oai=False, gold=False, data='synthetic',
-                         target='')
+                         target='', rm_size='')
   size = 'smoke' if arg.smoke else arg.size
   cpu = size in common.CPU_SIZES
   synthetic = arg.data == 'synthetic'
@@ -45,7 +45,10 @@ def get_config(arg=None):
                 pretrain_source='synthetic' if synthetic else 'plain_text_corpus/tinyshakespeare',
                 ptx_seq_len=64 if cpu else 2048)
   c.init = dict(checkpoint='', reward_checkpoint='', value_checkpoint='')
-  c.reward = dict(source='gold' if arg.gold else 'rm')   # 'gold': the embedded task's labeler (an oracle run)
+  # source 'gold': the embedded task's labeler (an oracle run). size: the RM's (and value network's) size
+  # when it is not the policy's (InstructGPT: 6b), for laying out the mesh and for rlhf_jax.memory; the
+  # networks themselves are read from init.reward_checkpoint.
+  c.reward = dict(source='gold' if arg.gold else 'rm', size=arg.rm_size)
   c.ppo = dict(beta=0.02, adaptive_kl=False, kl_target=6.0, kl_horizon=10000, kl_estimator='k1',
                gamma=1.0, lam=0.95, clip=0.2, value_clip=0.2, vf_coef=0.1, ent_coef=0.0,
                epochs=1, minibatches=8, whiten_rewards=False, whiten_advantages=True,
@@ -76,7 +79,8 @@ def get_config(arg=None):
     c.data.gen_len = c.eval.gen_len = 8
   c.mesh = common.mesh()
   B, mbs = c.train.batch_size, c.ppo.minibatches
-  common.use_target(c, size, arg.target, {'train.batch_size': B, 'train.batch_size / ppo.minibatches': B // mbs,
+  largest = max(size, arg.rm_size or size, key=list(common.SIZES).index)   # the mesh holds both
+  common.use_target(c, largest, arg.target, {'train.batch_size': B, 'train.batch_size / ppo.minibatches': B // mbs,
                                           'train.eval_batch_size': c.train.eval_batch_size})
   return c
 

@@ -1,8 +1,8 @@
 """Will it fit? Per-device memory of one stage's config at full size, estimated on any machine.
 
 python -m rlhf_jax.memory --config=experiments/ppo.py:size=6b,target=v4-64
-python -m rlhf_jax.memory --config=experiments/ppo.py:size=175b,target=v5p-256 --reward_size=6b \\
-    --config.model.remat=full --config.model.dtype=bfloat16
+python -m rlhf_jax.memory --config=experiments/ppo.py:size=175b,target=v5p-256 --reward_size=6b
+python -m rlhf_jax.memory --config=experiments/instructgpt.py:size=1.3b,target=v4-64   # every stage
 
 Counted per device, in bytes:
   * the train state (parameters and optimizer state; PPO: policy and value network, and the EMA
@@ -24,7 +24,9 @@ fragmentation, the forward-only scoring pass, the batch itself and the runtime's
 
 The RM's and the value network's shape is the RM checkpoint's at run time, which the config does
 not name: the estimate assumes the policy's shape, or `reward_model` (`--reward_size=6b`:
-InstructGPT's 6B RM and value for every policy size).
+InstructGPT's 6B RM and value for every policy size), else the config's `reward.size` (ppo.py's
+`rm_size=6b`), else the policy's. For a main-job config (experiments/instructgpt.py) every
+training stage is estimated.
 """
 from __future__ import annotations
 
@@ -209,6 +211,9 @@ def models(c: ml_collections.ConfigDict, reward_model: Mapping[str, Any] | None 
     return {'reward': trainer.rm_model(c).cfg}
   cfg = ppo.PPOConfig.from_dict(c.ppo.to_dict())
   gold = c.reward.source == 'gold'
+  if reward_model is None and c.reward.get('size'):   # the config's note of the RM's size (InstructGPT: 6b)
+    from experiments import common
+    reward_model = common.SIZES[c.reward.size]
   shape = {**c.model.to_dict(), **(dict(reward_model or {}) if not gold else {})}
   rm = trainer.rm_model(ml_collections.ConfigDict({'model': shape})).cfg   # gold: the value has the policy's trunk
   shared = cfg.value_model == 'shared'
@@ -356,8 +361,20 @@ def main(argv):
     if f.reward_size not in common.SIZES:
       raise ValueError(f'--reward_size={f.reward_size!r}; valid: {sorted(common.SIZES)}')
     reward_model = common.SIZES[f.reward_size]
-  est = estimate(f.config, n_devices=f.devices, memory_gib=f.memory_gib, reward_model=reward_model)
-  print(table(est))
+  for name, c, rm in stages(f.config, reward_model):
+    if name:
+      print(f'\n== {name}')
+    print(table(estimate(c, n_devices=f.devices, memory_gib=f.memory_gib, reward_model=rm)))
+
+
+def stages(c: ml_collections.ConfigDict, reward_model: Mapping[str, Any] | None = None):
+  """(name, stage config, reward model shape) of each training stage of a main-job config, or
+  ('', c, reward_model) for one stage's config."""
+  if c.stage != 'recipe':
+    return [('', c, reward_model)]
+  from rlhf_jax import recipe
+  names = [s.strip() for s in c.stages.split(',') if s.strip() in recipe.INPUTS and s.strip() in c]
+  return [(n, c[n], reward_model) for n in sorted(names, key=recipe.ORDER.index)]
 
 
 if __name__ == '__main__':

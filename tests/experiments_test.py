@@ -65,6 +65,17 @@ def test_mesh_for_keeps_fsdp_in_the_fast_domain():
     common.mesh_for('6b', 'v9-8')
 
 
+def test_ppo_mesh_holds_the_larger_of_policy_and_rm():
+  """A 1.3B policy with InstructGPT's 6B RM and value network: the mesh is the 6B one, and the RM's
+  size is noted in reward.size."""
+  from experiments import ppo as ppo_config
+  c = ppo_config.get_config('size=1.3b,rm_size=6b,target=v4-64')
+  assert c.reward.size == '6b' and dict(c.mesh) == dict(common.mesh_for('6b', 'v4-64'))
+  assert dict(ppo_config.get_config('size=1.3b,target=v4-64').mesh) == dict(common.mesh_for('1.3b', 'v4-64'))
+  assert dict(ppo_config.get_config('size=175b,rm_size=6b,target=v5p-256').mesh) == dict(
+      common.mesh_for('175b', 'v5p-256'))
+
+
 def test_target_whose_batch_does_not_split_fails_naming_the_keys():
   from experiments import ppo as ppo_config, sft as sft_config
   with pytest.raises(ValueError, match=r'target=v5p-256: .* train.batch_size=8 is not divisible by 32'):

@@ -152,6 +152,23 @@ def test_ptx_accumulation_trades_activations_for_a_gradient_accumulator():
   assert not one['fits'] and est['fits']     # 81 GiB a GPU in one pass (of 80), 21 GiB in 8 chunks
 
 
+def test_main_job_stages_with_instructgpts_6b_rm():
+  """The 1.3B main job on a v4-64: every training stage is estimated; PPO's RM and value network are
+  the recipe's 6B (ppo.py's rm_size, `reward.size`), and the PPO mesh is laid out for them."""
+  from experiments import instructgpt
+  c = instructgpt.get_config('size=1.3b,target=v4-64')
+  names = [n for n, _, _ in memory.stages(c)]
+  assert names == ['sft', 'sft_mix', 'sft_rm', 'rm', 'ppo', 'ppo_ptx']
+  est = {n: memory.estimate(sub, reward_model=rm) for n, sub, rm in memory.stages(c)}
+  six, one = common.SIZES['6b'], common.SIZES['1.3b']
+  sixes = [est['ppo']['models']['value'], est['rm']['models']['reward'], est['sft_rm']['models']['policy']]
+  assert max(sixes) - min(sixes) < 1e-5 * max(sixes)        # the same trunk (heads of d_model weights apart)
+  assert est['ppo']['models']['policy'] == est['sft']['models']['policy'] < est['ppo']['models']['value']
+  assert est['ppo']['mesh'] == dict(common.mesh_for('6b', 'v4-64')) != dict(common.mesh_for('1.3b', 'v4-64'))
+  assert all(e['fits'] for e in est.values())
+  assert (six['d_model'], one['d_model']) == (4096, 2048)
+
+
 def test_activations_by_hand():
   """One small shape, by hand, against Korthikanti et al. 2022 eq. 2 (with tensor parallelism t):
   s·b·h·(10 + 24/t) + (6 instead of 5)·a·s²·b/t bytes per layer for 16-bit activations, gpt2 MLP
