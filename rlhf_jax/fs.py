@@ -3,7 +3,7 @@ host must see the same checkpoints, so the workdir is on shared storage).
 
 Local paths use the operating system; URLs go through `etils.epath` (installed with Orbax; Google
 Cloud Storage also needs `gcsfs`, which the `tpu` extra installs). Remote objects cannot be appended
-to, so `append_line` rewrites the whole (small) file.
+to, so `LineFile.append` rewrites the whole (small) file there.
 """
 from __future__ import annotations
 

@@ -404,14 +404,22 @@ def minibatch_loss(params, mb, ptx, *, models: Models, cfg: PPOConfig):
          'ppo/policy_clipfrac': pm['clipfrac'], 'ppo/value_clipfrac': vm['clipfrac'],
          'ppo/approx_kl': pm['approx_kl']}
   if ptx is not None:
-    logits = models.policy.apply({'params': params['policy']}, ptx['tokens'], ptx['positions'], ptx['mask'],
-                                 segments=ptx.get('segments'), method='trunk')[0]
-    logits = models.policy.apply({'params': params['policy']}, logits, method='logits')
-    ptx_loss, _ = losses.sft_loss(logits, ptx['tokens'], ptx['loss_mask'])
+    nll, n = ptx_nll_sum(params['policy'], ptx, models=models)
+    ptx_loss = nll / jnp.maximum(n, 1)
     loss = loss + cfg.ptx_coef * ptx_loss
     aux['ppo/ptx_loss'] = ptx_loss
   aux['ppo/loss'] = loss
   return loss, aux
+
+
+def ptx_nll_sum(policy_params, rows, *, models: Models):
+  """(summed NLL of the pretraining rows' scored tokens, their number): the PPO-ptx term is
+  their ratio, the per-token mean."""
+  h = models.policy.apply({'params': policy_params}, rows['tokens'], rows['positions'], rows['mask'],
+                          segments=rows.get('segments'), method='trunk')[0]
+  logits = models.policy.apply({'params': policy_params}, h, method='logits')
+  targets, mask = losses.next_token_targets(rows['tokens'], rows['loss_mask'])
+  return -(losses.token_logprobs(logits, targets) * mask).sum(), mask.sum()
 
 
 def ptx_gradient(policy_params, ptx, *, models: Models, cfg: PPOConfig):
@@ -423,16 +431,9 @@ def ptx_gradient(policy_params, ptx, *, models: Models, cfg: PPOConfig):
                      f'ppo.ptx_microbatches={k}')
   chunks = jax.tree.map(lambda a: a.reshape(k, a.shape[0] // k, *a.shape[1:]), ptx)   # [k, R / k, T]
 
-  def nll_sum(params, rows):
-    logits = models.policy.apply({'params': params}, rows['tokens'], rows['positions'], rows['mask'],
-                                 segments=rows.get('segments'), method='trunk')[0]
-    logits = models.policy.apply({'params': params}, logits, method='logits')
-    targets, mask = losses.next_token_targets(rows['tokens'], rows['loss_mask'])
-    return -(losses.token_logprobs(logits, targets) * mask).sum(), mask.sum()
-
   def body(carry, rows):
     g_sum, nll, n = carry
-    (s, count), g = jax.value_and_grad(nll_sum, has_aux=True)(policy_params, rows)
+    (s, count), g = jax.value_and_grad(lambda p: ptx_nll_sum(p, rows, models=models), has_aux=True)(policy_params)
     return (jax.tree.map(jnp.add, g_sum, g), nll + s, n + count), None
 
   zero = jax.tree.map(jnp.zeros_like, policy_params)
