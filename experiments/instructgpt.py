@@ -72,6 +72,9 @@ def get_config(arg=None):
       truthfulqa_limit=100 if size == 'tiny' else 8,
       piqa='eval/piqa', piqa_limit=200 if size == 'tiny' else 8,
       rtp='eval/realtoxicityprompts', rtp_prompts=64 if size == 'tiny' else 8, rtp_gen_len=20,
+      # best-of-n against the RM from this model's samples (the policy PPO starts from): how much gold
+      # score the RM can buy at a given KL ('' skips it)
+      best_of_n='sft_mix', best_of_n_samples=16 if size == 'tiny' else 4,
       pretrain_docs=256 if size == 'tiny' else 16, max_len=128 if size in common.CPU_SIZES else 2048,
       plots=True)
   return c

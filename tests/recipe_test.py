@@ -53,12 +53,20 @@ def test_every_stage_ran_and_the_report_is_written(run):
   assert {'accuracy', 'heldout_labeler_accuracy', 'gold_agreement'} <= set(on_disk['reward_model'])
   assert set(on_disk['ppo_frontier']) == {'ppo', 'ppo_ptx'}
   assert all({'kl', 'rm_score', 'gold_score'} <= set(r) for r in on_disk['ppo_frontier']['ppo'])
-  for png in ('training_curves.png', 'win_rates.png', 'reward_vs_kl.png', 'alignment_tax.png'):
+  # Best-of-n against the RM from SFT + mix's 4 draws: the gold labeler's own pick is never worse
+  # than the RM's, and both start from the same random draw at n = 1.
+  bon = on_disk['best_of_n']
+  assert bon['policy'] == 'sft_mix' and bon['samples'] == 4 and [r['n'] for r in bon['curve']] == [1, 2, 4]
+  assert bon['curve'][0]['gold'] == pytest.approx(bon['curve'][0]['gold_oracle'])
+  for r in bon['curve']:
+    assert r['gold'] <= r['gold_oracle'] + 1e-12 and r['win_rate']['n'] == 16
+  assert [r['gold_oracle'] for r in bon['curve']] == sorted(r['gold_oracle'] for r in bon['curve'])
+  for png in ('training_curves.png', 'win_rates.png', 'reward_vs_kl.png', 'alignment_tax.png', 'best_of_n.png'):
     with open(os.path.join(workdir, png), 'rb') as f:
       assert f.read(8) == b'\x89PNG\r\n\x1a\n', png
   with open(os.path.join(workdir, 'report.md')) as f:
     md = f.read()
-  for label in ('| untrained |', '| SFT |', '| PPO |', '| PPO-ptx |', 'win_rates.png'):
+  for label in ('| untrained |', '| SFT |', '| PPO |', '| PPO-ptx |', 'win_rates.png', '## Best-of-n'):
     assert label in md
 
 
@@ -117,10 +125,12 @@ def test_evaluations_run_from_the_command_line(run):
   import sys
   workdir, _ = run
   out = subprocess.run([sys.executable, '-m', 'rlhf_jax.evals', f'--checkpoint={workdir}/ppo/checkpoints',
-                        f'--baseline={workdir}/sft/checkpoints', '--evals=gold,winrate,pretrain_nll',
-                        '--judge=heldout_labeler', '--n=8', '--gen_len=8'],
+                        f'--baseline={workdir}/sft/checkpoints', '--evals=gold,winrate,pretrain_nll,best_of_n',
+                        '--judge=heldout_labeler', f'--reward_checkpoint={workdir}/rm/checkpoints',
+                        '--samples=2', '--n=8', '--gen_len=8'],
                        capture_output=True, text=True, cwd=ROOT, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
   res = json.loads(out.stdout[out.stdout.index('{'):])
   assert set(res) >= {'gold_score', 'win_rate', 'pretrain_nll'}
   assert res['win_rate']['heldout_labeler']['n'] == 8 and res['pretrain_nll'] > 0
+  assert [r['n'] for r in res['best_of_n']['curve']] == [1, 2] and res['best_of_n']['curve'][1]['win_rate']['n'] == 8

@@ -4,11 +4,15 @@ python -m rlhf_jax.evals --checkpoint=runs/tiny/ppo/checkpoints --evals=gold,tru
 python -m rlhf_jax.evals --checkpoint=runs/tiny/ppo/checkpoints --baseline=runs/tiny/sft/checkpoints \\
     --evals=winrate --judge=heldout_labeler
 python -m rlhf_jax.evals --checkpoint=runs/tiny/ppo_ptx/checkpoints --evals=toxicity,pretrain_nll
+python -m rlhf_jax.evals --checkpoint=runs/tiny/sft_mix/checkpoints --evals=best_of_n \\
+    --reward_checkpoint=runs/tiny/rm/checkpoints --baseline=runs/tiny/sft/checkpoints --samples=16
 
 Evaluations: gold (the embedded task's gold score of greedy and sampled responses), winrate (against
 --baseline, judged by --judge: gold, train_labeler, heldout_labeler, or rm with --reward_checkpoint),
 truthfulqa (each file of --truthfulqa), piqa, toxicity (RealToxicityPrompts, plain and respectful),
-pretrain_nll (held-out documents of the embedded task's pretraining corpus).
+pretrain_nll (held-out documents of the embedded task's pretraining corpus), best_of_n (--samples
+draws per prompt, the RM of --reward_checkpoint picks the best of n = 1, 2, 4, ... of them, the gold
+labeler scores the pick; with --baseline also the pick's win rate against the baseline's samples).
 
 Several processes (a TPU pod, SLURM, launch/local.py) run the same command, each holding its part
 of every batch (rlhf_jax.distributed reads where the others are from the environment); the first
@@ -22,9 +26,10 @@ from absl import app, flags
 
 _CKPT = flags.DEFINE_string('checkpoint', None, "a finished SFT or PPO run's checkpoints/")
 _BASELINE = flags.DEFINE_string('baseline', '', 'checkpoints/ of the policy to compare against (winrate)')
-_EVALS = flags.DEFINE_list('evals', ['gold'], 'gold, winrate, truthfulqa, piqa, toxicity, pretrain_nll')
+_EVALS = flags.DEFINE_list('evals', ['gold'], 'gold, winrate, truthfulqa, piqa, toxicity, pretrain_nll, best_of_n')
 _JUDGE = flags.DEFINE_string('judge', 'gold', 'winrate judge: gold, train_labeler, heldout_labeler, rm')
-_RM = flags.DEFINE_string('reward_checkpoint', '', "a finished RM run's checkpoints/ (judge=rm)")
+_RM = flags.DEFINE_string('reward_checkpoint', '', "a finished RM run's checkpoints/ (judge=rm, best_of_n)")
+_SAMPLES = flags.DEFINE_integer('samples', 16, 'best_of_n: draws per prompt')
 _DATA = flags.DEFINE_string('data_dir', '../shared/data', 'where eval/truthfulqa, eval/piqa, ... are')
 _TRUTHFULQA = flags.DEFINE_list('truthfulqa', ['eval/truthfulqa/mc_task.json', 'eval/truthfulqa/v0/mc_task.json'],
                                 'TruthfulQA files under --data_dir')
@@ -65,6 +70,17 @@ def main(argv):
       a = lm.generate(prompts, temperature=_TEMPERATURE.value, seed=_SEED.value, **gen)
       b = base.generate(prompts, temperature=_TEMPERATURE.value, seed=_SEED.value, **gen)
       out['win_rate'] = {_JUDGE.value: winrate.compare(raw, a, b, _judge(lm))}
+    elif name == 'best_of_n':
+      from rlhf_jax.evals import best_of_n, report
+      if not _RM.value:
+        raise app.UsageError('--evals=best_of_n needs --reward_checkpoint')
+      rm = report.rm_judge_from(_RM.value, lm.mesh, lm.tok, seq_len=max_len, batch_size=lm.batch_size)
+      base = None
+      if _BASELINE.value:
+        base = LM.from_checkpoint(_BASELINE.value, mesh=lm.mesh).generate(
+            prompts, temperature=_TEMPERATURE.value, seed=_SEED.value, **gen)
+      out['best_of_n'] = best_of_n.run(lm, rm, raw, samples=_SAMPLES.value, baseline=base,
+                                       temperature=_TEMPERATURE.value, seed=_SEED.value + 1, **gen)
     elif name == 'truthfulqa':
       out['truthfulqa'] = {f: multiple_choice.truthfulqa(lm, os.path.join(_DATA.value, f), limit=_N.value or None,
                                                          max_len=max_len) for f in _TRUTHFULQA.value}

@@ -12,8 +12,9 @@ embedded task's held-out prompts and on the real evaluation sets in `evals.data_
   pretrain_nll      per-token NLL on held-out pretraining text; piqa: zero-shot accuracy
                     (the alignment tax)
 
-plus the reward model's held-out accuracy (from its run) and the PPO runs' reward-vs-KL frontier
-(from their metrics). The keys of report.json are documented in the README and stay stable.
+plus the reward model's held-out accuracy (from its run), the PPO runs' reward-vs-KL frontier
+(from their metrics) and best-of-n against the RM from `evals.best_of_n`'s samples
+(rlhf_jax.evals.best_of_n: how much gold score following this RM can buy at a given KL). The keys of report.json are documented in the README and stay stable.
 """
 from __future__ import annotations
 
@@ -73,8 +74,9 @@ def _data(e, rel: str) -> str | None:
 # Evaluations.
 
 
-def task_evals(e, lms: dict[str, LM], judges: list, seed: int = 0) -> dict[str, dict]:
-  """Gold scores and win rates against `e.baseline` on `e.n_prompts` held-out prompts of the task."""
+def task_evals(e, lms: dict[str, LM], judges: list, seed: int = 0):
+  """Gold scores and win rates against `e.baseline` on `e.n_prompts` held-out prompts of the task:
+  (per-model figures, head-to-head comparisons, the raw prompts, the baseline's sampled responses)."""
   from rlhf_jax.data import synthetic
   raw = [p['prompt'] for p in synthetic.prompts(e.split, e.n_prompts, f'{seed}/eval')]
   prompts = [synthetic.format_prompt(p) for p in raw]
@@ -93,8 +95,25 @@ def task_evals(e, lms: dict[str, LM], judges: list, seed: int = 0) -> dict[str, 
       r[f'win_rate_vs_{e.baseline}'] = {j.name: winrate.compare(raw, sampled[n], sampled[e.baseline], j)
                                         for j in judges}
     out[n] = r
-  return out, {f'{a}_vs_{b}': {j.name: winrate.compare(raw, sampled[a], sampled[b], j) for j in judges}
-               for a, b in _pairs(e.comparisons)}
+  comparisons = {f'{a}_vs_{b}': {j.name: winrate.compare(raw, sampled[a], sampled[b], j) for j in judges}
+                 for a, b in _pairs(e.comparisons)}
+  return out, comparisons, raw, sampled.get(e.baseline)
+
+
+def bon_evals(e, lms: dict[str, LM], judges: list, raw: list[str], baseline: list[str] | None,
+              seed: int = 0) -> dict | None:
+  """Best-of-n against the RM from `e.best_of_n`'s samples (the policy PPO starts from), judged by the
+  gold labeler, with the pick's win rate against the baseline's samples; None when off or without an RM."""
+  from rlhf_jax.evals import best_of_n
+  rm = next((j for j in judges if isinstance(j, winrate.RewardModelJudge)), None)
+  if not e.best_of_n or rm is None:
+    return None
+  if e.best_of_n not in lms:
+    raise ValueError(f'evals.best_of_n={e.best_of_n!r} is not one of evals.models ({", ".join(lms)})')
+  out = best_of_n.run(lms[e.best_of_n], rm, raw, samples=e.best_of_n_samples, baseline=baseline,
+                      max_new_tokens=e.gen_len, prompt_len=e.prompt_len, temperature=e.temperature,
+                      seed=seed + 1)
+  return {'policy': e.best_of_n, **out}
 
 
 def _pairs(spec: str) -> list[tuple[str, str]]:
@@ -189,7 +208,8 @@ def evaluate_recipe(c, workdir: str) -> dict:
         judges.append(judge)
     elif j:
       raise ValueError(f'evals.judges: unknown judge {j!r}; valid: gold, train_labeler, heldout_labeler, rm')
-  models, comparisons = task_evals(e, lms, judges, seed=c.sft.seed)
+  models, comparisons, raw, baseline = task_evals(e, lms, judges, seed=c.sft.seed)
+  bon = bon_evals(e, lms, judges, raw, baseline, seed=c.sft.seed)
 
   from rlhf_jax.data import synthetic
   # The SFT run's held-out pretraining documents (the first data.n_valid of the corpus).
@@ -212,6 +232,7 @@ def evaluate_recipe(c, workdir: str) -> dict:
       'reward_model': rm_figures(workdir),
       'ppo_frontier': {s: frontier(workdir, s) for s in ('ppo', 'ppo_ptx')
                        if fs.exists(os.path.join(workdir, s, 'metrics.jsonl'))},
+      'best_of_n': bon,
       'toxicity_scorer': agreement,
       'stage_seconds': _stage_seconds(workdir),
       'eval_seconds': time.time() - t0,
@@ -292,6 +313,17 @@ def markdown(report: dict, images: list[str]) -> str:
   if rm:
     lines += ['', '## Reward model (held-out comparisons)', '',
               '| figure | value |', '|---|---|'] + [f'| {k} | {_fmt(v)} |' for k, v in sorted(rm.items())]
+  bon = report.get('best_of_n') or {}
+  if bon:
+    lines += ['', f"## Best-of-n against the RM ({LABELS.get(bon['policy'], bon['policy'])}'s samples, "
+              f"judged by the gold labeler)", '',
+              '| n | KL bound | RM score of the pick | gold of the RM\'s pick | gold of the gold\'s pick | '
+              f"win vs {LABELS.get(report['baseline'], report['baseline'])} (gold) |", '|---|---|---|---|---|---|']
+    for r in bon['curve']:
+      w = r.get('win_rate')
+      lines.append(f"| {r['n']} | {r['kl_bound']:.2f} | {_fmt(r['proxy'])} | {_fmt(r['gold'])} | "
+                   f"{_fmt(r['gold_oracle'])} | "
+                   + ('–' if w is None else f"{w['win_rate']:.2f} [{w['ci_low']:.2f}, {w['ci_high']:.2f}]") + ' |')
   agr = report.get('toxicity_scorer')
   if agr:
     lines += ['', '## Toxicity scorer: agreement with Perspective on held-out records', '',
@@ -381,6 +413,27 @@ def plot(report: dict, stage_curves: dict, workdir: str) -> list[str]:
       ax.set_ylabel(t)
       ax.legend(fontsize=7)
     save(fig, 'reward_vs_kl.png')
+
+  # Best-of-n against the RM: the gold score its pick buys per nat of KL, next to the gold labeler's
+  # own pick from the same draws (the ceiling) and the PPO runs' rollouts.
+  bon = report.get('best_of_n') or {}
+  if bon.get('curve'):
+    fig, ax = plt.subplots(figsize=(4.6, 3.2))
+    c = bon['curve']
+    kl = [r['kl_bound'] for r in c]
+    ax.plot(kl, [r['gold'] for r in c], 'o-', ms=3, label="best-of-n, RM's pick")
+    ax.plot(kl, [r['gold_oracle'] for r in c], 's--', ms=3, label="best-of-n, gold's pick")
+    for n_, x, y in zip([r['n'] for r in c], kl, [r['gold'] for r in c]):
+      ax.annotate(f'n={n_}', (x, y), fontsize=6, xytext=(2, -8), textcoords='offset points')
+    for s, rows in fr.items():
+      pts = [(r['kl'], r['gold_score']) for r in rows if 'gold_score' in r and r.get('kl') is not None]
+      if pts:
+        ax.plot(*zip(*pts), '.', ms=3, alpha=0.6, label=f'{LABELS.get(s, s)} rollouts')
+    ax.set_xlabel('KL to the sampling policy (nats per response)')
+    ax.set_ylabel('gold score')
+    ax.set_title(f"best-of-n from {LABELS.get(bon['policy'], bon['policy'])}", fontsize=9)
+    ax.legend(fontsize=7)
+    save(fig, 'best_of_n.png')
 
   # The alignment tax: pretraining NLL and PIQA per model.
   ms = report['models']
