@@ -90,3 +90,25 @@ def test_run_draws_scores_and_reshapes():
   # only when the subset has no 'x': n = 1 with probability 1/2, n = 2 with 1/C(4, 2).
   assert [c['gold'] for c in r['curve']] == pytest.approx([0.5, 1 / 6, 0.0])
   assert [c['gold_oracle'] for c in r['curve']] == pytest.approx([0.5, 5 / 6, 1.0])
+
+
+def test_gold_win_rate_equals_the_judge_path_and_n_includes_the_sample_count():
+  # The default (gold) win rate reuses the draws' gold scores; it must equal asking the judge.
+  raw = [p['prompt'] for p in synthetic.prompts('test', 5, 'bon-judge')]
+  rng = np.random.default_rng(0)
+  pool = [synthetic.answer(p) for p in raw] + ['zzz', 'a', '1', 'yes']
+  draws = [[pool[rng.integers(len(pool))] for _ in raw] for _ in range(6)]
+  base = [pool[rng.integers(len(pool))] for _ in raw]
+  gold = np.stack([winrate.GoldJudge().scores(raw, d) for d in draws])
+  proxy = rng.normal(size=gold.shape)
+  fast = best_of_n.curve(raw, draws, proxy, gold, [1, 3, 6], baseline=base)
+  slow = best_of_n.curve(raw, draws, proxy, gold, [1, 3, 6], baseline=base, judge=winrate.GoldJudge())
+  assert [r['win_rate'] for r in fast] == [r['win_rate'] for r in slow]
+
+  class LM:
+    def generate(self, prompts, **kw):
+      return ['x'] * len(prompts)
+
+  r = best_of_n.run(LM(), winrate.RewardModelJudge(lambda p, y: np.zeros(len(y))), raw, samples=6,
+                    max_new_tokens=4, prompt_len=48)
+  assert [c['n'] for c in r['curve']] == [1, 2, 4, 6]

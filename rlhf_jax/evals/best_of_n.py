@@ -61,8 +61,9 @@ def curve(raw_prompts: Sequence[str], draws: Sequence[Sequence[str]], proxy: np.
   if gold.shape != (N, P) or len(draws) != N or any(len(d) != P for d in draws) or len(raw_prompts) != P:
     raise ValueError(f'{len(raw_prompts)} prompts, {len(draws)} draws, proxy {proxy.shape}, gold {gold.shape}')
   outcomes = None
-  if baseline is not None:
-    judge = judge or winrate.GoldJudge()
+  if baseline is not None and judge is None:   # the gold judge: the draws' gold scores are at hand
+    outcomes = winrate.outcomes_from_scores(gold, winrate.GoldJudge().scores(raw_prompts, baseline)[None])
+  elif baseline is not None:
     outcomes = np.stack([judge.prefer(raw_prompts, d, baseline) for d in draws])   # [N, P]
   out = []
   for n in ns:
@@ -81,9 +82,9 @@ def run(lm, proxy_judge, raw_prompts: Sequence[str], *, samples: int = 16, basel
         ns: Sequence[int] | None = None) -> dict:
   """Draw `samples` responses per prompt from `lm` (an `evals.lm.LM`), score them with `proxy_judge`
   (a `winrate.RewardModelJudge`) and with the gold labeler, and return
-  {'samples', 'temperature', 'curve': `curve(...)` at n = 1, 2, 4, ... up to `samples`}."""
+  {'samples', 'temperature', 'proxy', 'curve': `curve(...)` at n = 1, 2, 4, ... and `samples`}."""
   from rlhf_jax.data import synthetic
-  ns = list(ns or [2 ** i for i in range(int(math.log2(samples)) + 1)])
+  ns = list(ns or sorted({2 ** i for i in range(int(math.log2(samples)) + 1)} | {samples}))
   prompts = [synthetic.format_prompt(p) for p in raw_prompts]
   # One generate call over all draws (each prompt repeated), one batch of compiled work.
   flat = lm.generate([p for p in prompts for _ in range(samples)], max_new_tokens=max_new_tokens,

@@ -14,7 +14,8 @@ embedded task's held-out prompts and on the real evaluation sets in `evals.data_
 
 plus the reward model's held-out accuracy (from its run), the PPO runs' reward-vs-KL frontier
 (from their metrics) and best-of-n against the RM from `evals.best_of_n`'s samples
-(rlhf_jax.evals.best_of_n: how much gold score following this RM can buy at a given KL). The keys of report.json are documented in the README and stay stable.
+(rlhf_jax.evals.best_of_n: how much gold score following this RM can buy at a given KL). The keys
+of report.json are documented in the README and stay stable.
 """
 from __future__ import annotations
 
