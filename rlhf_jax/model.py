@@ -135,10 +135,11 @@ class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, positions, key_mask, query_slots, cache, read_at=None, segments=None):
+  def __call__(self, x, positions, key_mask, query_slots, cache, read_at=None, segments=None, read_from=None):
     """Returns the output [B, T, D] and this layer's K/V [B, Hkv, S, Dh]: the updated cache, or
     without a cache the T new tokens' keys and values. With read_at [B], queries (and so the
-    output, [B, 1, D]) are computed only at that position of each row; keys/values at all."""
+    output, [B, 1, D]) are computed only at that position of each row; with read_from (a static
+    int) only at positions read_from .. T - 1 (output [B, T - read_from, D]); keys/values at all."""
     cfg = self.cfg
     dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     D, H, Hkv, Dh = cfg.d_model, cfg.n_head, cfg.kv_heads, cfg.head_dim
@@ -167,6 +168,8 @@ class Attention(nn.Module):
     if read_at is not None:
       q = jnp.take_along_axis(q, read_at[:, None, None, None, None], axis=1)  # [B, 1, Hkv, G, Dh]
       query_slots = jnp.take_along_axis(query_slots, read_at[:, None], axis=1)   # [B, 1]
+    elif read_from is not None:
+      q, query_slots = q[:, read_from:], query_slots[:, read_from:]
     S = k.shape[2]
     # The 1/sqrt(Dh) scale goes on q (half the size of the logits when T = S).
     logits = jnp.einsum('bthgk,bhsk->bhgts', q * jnp.asarray(Dh ** -0.5, q.dtype), k,
@@ -174,6 +177,7 @@ class Attention(nn.Module):
     visible = (jnp.arange(S) <= query_slots[..., None]) & key_mask[:, None, :].astype(bool)  # [B, T, S]
     if segments is not None:  # packed rows: a token sees only its own document
       seg_q = segments if read_at is None else jnp.take_along_axis(segments, read_at[:, None], axis=1)
+      seg_q = seg_q if read_from is None else seg_q[:, read_from:]
       visible &= seg_q[:, :, None] == segments[:, None, :]
     # An additive mask rather than a select: its gradient needs no copy of the mask broadcast to
     # the logits' shape (masked probabilities are exactly 0, so their gradient is too).
@@ -220,12 +224,15 @@ class Block(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, positions, key_mask, query_slots, cache, train, read_at=None, segments=None):
+  def __call__(self, x, positions, key_mask, query_slots, cache, train, read_at=None, segments=None,
+               read_from=None):
     drop = nn.Dropout(self.cfg.dropout, deterministic=not train)
     a, kv = Attention(self.cfg, name='attn')(Norm(self.cfg, name='norm1')(x), positions, key_mask,
-                                             query_slots, cache, read_at, segments)
+                                             query_slots, cache, read_at, segments, read_from)
     if read_at is not None:  # the residual stream continues only at the read positions
       x = jnp.take_along_axis(x, read_at[:, None, None], axis=1)              # [B, 1, D]
+    elif read_from is not None:
+      x = x[:, read_from:]                                                      # [B, T - read_from, D]
     x = _constrain(x + drop(a), ('batch', 'length', 'embed'))
     x = x + drop(Mlp(self.cfg, name='mlp')(Norm(self.cfg, name='norm2')(x)))
     return _constrain(x, ('batch', 'length', 'embed')), kv
@@ -291,7 +298,7 @@ class Transformer(nn.Module):
     self.dropout = nn.Dropout(cfg.dropout)
 
   def trunk(self, tokens, positions=None, mask=None, *, segments=None, cache=None, cache_length=None,
-            read_at=None, train=False):
+            read_at=None, read_from=None, train=False):
     """Final-norm hidden states h [B, T, D] and a cache (None unless asked for).
 
     tokens, positions, mask: [B, T]. mask 1 marks a real token; positions default to the count of
@@ -304,7 +311,8 @@ class Transformer(nn.Module):
     read_at [B] (optional): return h [B, D] at that position of each row only. The last block then
     computes its queries, attention output and MLP there alone (its keys and values still cover
     every token): the cheap way to read a sampler's last prompt position or a reward model's last
-    real token.
+    real token. read_from (a static int; not with read_at): return h [B, T - read_from, D] at
+    positions read_from .. T - 1 only, the same way (a policy's response positions).
     """
     cfg = self.cfg
     B, T = tokens.shape
@@ -323,8 +331,9 @@ class Transformer(nn.Module):
       layer_caches = [dict(layer, index=idx) for layer in cache['layers']]
     kvs = []
     for i, (block, layer_cache) in enumerate(zip(self.blocks, layer_caches)):
-      last = read_at if i == cfg.n_layer - 1 else None
-      x, kv = block(x, positions, key_mask, slots, layer_cache, train, last, segments)
+      last = i == cfg.n_layer - 1
+      x, kv = block(x, positions, key_mask, slots, layer_cache, train, read_at if last else None, segments,
+                    read_from if last else None)
       kvs.append(kv)
     h = self.final_norm(x)
     if read_at is not None:

@@ -219,9 +219,10 @@ def sequences(prompt_ids, prompt_mask, response, response_mask):
 
 
 def response_states(model, params, tokens, mask, positions, P: int):
-  """Final hidden states that predict each response token: positions P - 1 .. P + N - 2 [B, N, D]."""
-  h, _ = model.apply({'params': params}, tokens, positions, mask, method='trunk')
-  return h[:, P - 1:-1]
+  """Final hidden states that predict each response token: positions P - 1 .. P + N - 2 [B, N, D]
+  (the last block runs at positions P - 1 .. P + N - 1 only)."""
+  h, _ = model.apply({'params': params}, tokens, positions, mask, read_from=P - 1, method='trunk')
+  return h[:, :-1]
 
 
 def logprobs_from_states(model, params, h, response, *, temperature: float, vocab_size: int | None):

@@ -195,6 +195,29 @@ def test_read_at_equals_full_forward_at_that_position(setup):
   np.testing.assert_allclose(scores, full['scores'][np.arange(3), last], atol=1e-4, rtol=1e-4)
 
 
+def test_read_from_equals_full_forward_there_with_gradients(setup):
+  """Reading positions 6 .. T - 1 of left-padded rows (a policy's response positions) gives the full
+  forward's logits there, and a loss on them the same parameter gradient, although the last block
+  runs at those positions only."""
+  cfg, model, params, _ = setup
+  rng = np.random.default_rng(6)
+  toks, mask = _padded([rng.integers(1, cfg.vocab_size, size=n) for n in (4, 10, 7)], 10, left=True)
+  start = 6
+  w = jnp.asarray(rng.normal(size=(3, 10 - start, cfg.vocab_size)), jnp.float32)
+
+  def loss(params, read_from):
+    h, _ = model.apply({'params': params}, toks, mask=mask, read_from=read_from, method='trunk')
+    logits = model.apply({'params': params}, h[:, -(10 - start):], method='logits')
+    return jnp.sum(logits * w), logits
+
+  (l_full, logits_full), g_full = jax.jit(jax.value_and_grad(lambda p: loss(p, None), has_aux=True))(params)
+  (l_read, logits_read), g_read = jax.jit(jax.value_and_grad(lambda p: loss(p, start), has_aux=True))(params)
+  assert logits_read.shape == (3, 10 - start, cfg.vocab_size)
+  np.testing.assert_allclose(logits_read, logits_full, atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(l_read, l_full, rtol=1e-4)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-3), g_read, g_full)
+
+
 def test_packed_documents_never_attend_across(setup):
   """Two documents packed in one row (segments, positions restarting) give each document's own
   unpacked outputs: attention never crosses the boundary."""
