@@ -1,0 +1,18 @@
+#!/bin/bash
+# The PPO workload, rlhf_jax and TRL's PPOTrainer interleaved, RUNS rounds, each started when the
+# machine is idle (under 15 % busy over 3 s, or after 300 s of waiting). From the repository root:
+#   RUNS=5 bash bench/results/<this folder>/run.sh bench/results/<new folder>
+OUT=$1; RUNS=${RUNS:-5}
+mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
+ROOT=$(pwd); PEER=$ROOT/../shared/bench/peers; PY=${PY:-$HOME/.cache/rlhf-jax-peers/bin/python}
+cpu() { awk '/^cpu /{print $2+$3+$4+$6+$7+$8, $5}' /proc/stat; }
+waitidle() { t0=$(date +%s); while :; do read b1 i1 <<< "$(cpu)"; sleep 3; read b2 i2 <<< "$(cpu)"; busy=$(( (b2-b1)*100/((b2-b1)+(i2-i1)+1) )); [ $busy -lt 15 ] && break; [ $(( $(date +%s) - t0 )) -gt 300 ] && break; done; echo "$(date -u +%H:%M:%SZ) idle after $(( $(date +%s) - t0 )) s (busy $busy %)" >> "$OUT/runs.txt"; }
+for r in $(seq 1 "$RUNS"); do
+  waitidle; t=$(date +%s)
+  python bench/run.py --workload PPO --tag run$r --spec "$PEER/../workload.json" > "$OUT/rlhf_jax_run$r.jsonl" 2> "$OUT/rlhf_jax_run$r.log"
+  echo "$(date -u +%H:%M:%SZ) rlhf_jax run$r: rc $?, $(( $(date +%s) - t )) s" >> "$OUT/runs.txt"
+  waitidle; t=$(date +%s)
+  (cd "$PEER" && "$PY" trl_ppo_bench.py --tag run$r > "$OUT/trl_run$r.jsonl" 2> "$OUT/trl_run$r.log")
+  echo "$(date -u +%H:%M:%SZ) trl run$r: rc $?, $(( $(date +%s) - t )) s" >> "$OUT/runs.txt"
+done
+echo done >> "$OUT/runs.txt"
