@@ -315,6 +315,8 @@ class Transformer(nn.Module):
     positions read_from .. T - 1 only, the same way (a policy's response positions).
     """
     cfg = self.cfg
+    if read_at is not None and read_from is not None:
+      raise ValueError('trunk: give read_at or read_from, not both')
     B, T = tokens.shape
     mask = jnp.ones((B, T), jnp.int32) if mask is None else mask.astype(jnp.int32)
     positions = default_positions(mask) if positions is None else positions
