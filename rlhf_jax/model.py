@@ -130,6 +130,14 @@ def rotary(x, positions, theta):
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
 
 
+def read_rows(a, read_at=None, read_from=None):
+  """a [B, T, ...] at the positions a last block reads: [B, 1, ...] at read_at [B] (one position per
+  row), [B, T - read_from, ...] from the static int read_from on, or all of a."""
+  if read_at is not None:
+    return jnp.take_along_axis(a, read_at.reshape((-1, 1) + (1,) * (a.ndim - 2)), axis=1)
+  return a if read_from is None else a[:, read_from:]
+
+
 class Attention(nn.Module):
   """Causal self-attention with grouped-query heads and an optional KV cache."""
   cfg: ModelConfig
@@ -165,20 +173,14 @@ class Attention(nn.Module):
       v = jax.lax.dynamic_update_slice(cache['v'], v.astype(cache['v'].dtype), start)
     kv = {'k': k, 'v': v}
     k, v = k.astype(dt), v.astype(dt)
-    if read_at is not None:
-      q = jnp.take_along_axis(q, read_at[:, None, None, None, None], axis=1)  # [B, 1, Hkv, G, Dh]
-      query_slots = jnp.take_along_axis(query_slots, read_at[:, None], axis=1)   # [B, 1]
-    elif read_from is not None:
-      q, query_slots = q[:, read_from:], query_slots[:, read_from:]
+    q, query_slots = read_rows(q, read_at, read_from), read_rows(query_slots, read_at, read_from)
     S = k.shape[2]
     # The 1/sqrt(Dh) scale goes on q (half the size of the logits when T = S).
     logits = jnp.einsum('bthgk,bhsk->bhgts', q * jnp.asarray(Dh ** -0.5, q.dtype), k,
                         preferred_element_type=jnp.float32)                  # [B, Hkv, G, T, S]
     visible = (jnp.arange(S) <= query_slots[..., None]) & key_mask[:, None, :].astype(bool)  # [B, T, S]
     if segments is not None:  # packed rows: a token sees only its own document
-      seg_q = segments if read_at is None else jnp.take_along_axis(segments, read_at[:, None], axis=1)
-      seg_q = seg_q if read_from is None else seg_q[:, read_from:]
-      visible &= seg_q[:, :, None] == segments[:, None, :]
+      visible &= read_rows(segments, read_at, read_from)[:, :, None] == segments[:, None, :]
     # An additive mask rather than a select: its gradient needs no copy of the mask broadcast to
     # the logits' shape (masked probabilities are exactly 0, so their gradient is too).
     logits += jnp.where(visible, 0.0, _NEG)[:, None, None]
@@ -229,10 +231,7 @@ class Block(nn.Module):
     drop = nn.Dropout(self.cfg.dropout, deterministic=not train)
     a, kv = Attention(self.cfg, name='attn')(Norm(self.cfg, name='norm1')(x), positions, key_mask,
                                              query_slots, cache, read_at, segments, read_from)
-    if read_at is not None:  # the residual stream continues only at the read positions
-      x = jnp.take_along_axis(x, read_at[:, None, None], axis=1)              # [B, 1, D]
-    elif read_from is not None:
-      x = x[:, read_from:]                                                      # [B, T - read_from, D]
+    x = read_rows(x, read_at, read_from)  # the residual stream continues only at the read positions
     x = _constrain(x + drop(a), ('batch', 'length', 'embed'))
     x = x + drop(Mlp(self.cfg, name='mlp')(Norm(self.cfg, name='norm2')(x)))
     return _constrain(x, ('batch', 'length', 'embed')), kv
