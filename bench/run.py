@@ -28,6 +28,8 @@ from typing import Any, Callable  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from rlhf_jax import hostmem  # noqa: E402  (importing rlhf_jax before JAX starts sets up host memory reuse)
+
 DEFAULT_SPEC = Path(__file__).resolve().parents[1].parent / 'shared/bench/workload.json'
 IMPL = 'rlhf_jax'
 
@@ -466,7 +468,7 @@ def env_record(ctx: Ctx):
            python=platform.python_version(), jax=jax.__version__, jaxlib=jaxlib.__version__,
            flax=flax.__version__, numpy=np.__version__, backend=jax.default_backend(),
            devices=f'{len(devices)} x {devices[0].device_kind}', xla_flags=os.environ.get('XLA_FLAGS', ''),
-           spec_sha=ctx.spec_sha)
+           host_malloc_retain=hostmem.applied, spec_sha=ctx.spec_sha)
 
 
 def parse_args(argv=None):
