@@ -14,7 +14,7 @@ for w, metric in (('SFT', 'value'), ('SFT', 'mfu_with_head'), ('RM', 'value'), (
   print(f'{w} {metric}')
   for impl in ('rlhf_jax_on', 'rlhf_jax_off', 'torch'):
     print(f'  {impl:13s}', ' '.join(f'{rows[w][impl][r][metric]:8.3f}' for r in runs))
-  for impl in ('rlhf_jax_on', 'rlhf_jax_off'):
+  for impl in (('rlhf_jax_on', 'rlhf_jax_off') if metric == 'value' else ()):
     ratios = [rows[w][impl][r]['value'] / rows[w]['torch'][r]['value'] for r in runs]
     print(f'  {impl}/torch', ' '.join(f'{x:8.3f}' for x in ratios), f' median {statistics.median(ratios):.3f}')
 for p in ('PEAK_JAX', 'PEAK_NUMPY', 'PEAK_TORCH'):
