@@ -7,8 +7,7 @@ OUT=$1; RUNS=${RUNS:-3}
 mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
 ROOT=$(pwd); PEER=$ROOT/../shared/bench/peers; PY=${PY:-$HOME/.cache/rlhf-jax-peers/bin/python}
 W="PEAK SFT RM GEN"
-cpu() { awk '/^cpu /{print $2+$3+$4+$6+$7+$8, $5}' /proc/stat; }
-waitidle() { t0=$(date +%s); while :; do read b1 i1 <<< "$(cpu)"; sleep 3; read b2 i2 <<< "$(cpu)"; busy=$(( (b2-b1)*100/((b2-b1)+(i2-i1)+1) )); [ $busy -lt 15 ] && break; [ $(( $(date +%s) - t0 )) -gt 300 ] && break; done; echo "$(date -u +%H:%M:%SZ) idle after $(( $(date +%s) - t0 )) s (busy $busy %)" >> "$OUT/runs.txt"; }
+. "$ROOT/bench/idle.sh"   # waitidle
 for r in $(seq 1 "$RUNS"); do
   for mode in on off; do
     waitidle; t=$(date +%s)
