@@ -4,10 +4,8 @@
 # machine is idle (under 15 % busy over 3 s, or after 300 s of waiting). From the repository root:
 #   RUNS=3 bash bench/results/<this folder>/run.sh bench/results/<new folder>
 OUT=$1; RUNS=${RUNS:-3}
-mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
-ROOT=$(pwd); PEER=$ROOT/../shared/bench/peers; PY=${PY:-$HOME/.cache/rlhf-jax-peers/bin/python}
+. bench/interleave.sh   # OUT made absolute; ROOT, PEER, PY; waitidle
 W="PEAK SFT RM GEN"
-. "$ROOT/bench/idle.sh"   # waitidle
 for r in $(seq 1 "$RUNS"); do
   for mode in on off; do
     waitidle; t=$(date +%s)

@@ -3,9 +3,7 @@
 # machine is idle (under 15 % busy over 3 s, or after 300 s of waiting). From the repository root:
 #   RUNS=5 bash bench/results/<this folder>/run.sh bench/results/<new folder>
 OUT=$1; RUNS=${RUNS:-5}
-mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
-ROOT=$(pwd); PEER=$ROOT/../shared/bench/peers; PY=${PY:-$HOME/.cache/rlhf-jax-peers/bin/python}
-. "$ROOT/bench/idle.sh"   # waitidle
+. bench/interleave.sh   # OUT made absolute; ROOT, PEER, PY; waitidle
 for r in $(seq 1 "$RUNS"); do
   waitidle; t=$(date +%s)
   python bench/run.py --workload PPO --tag run$r --spec "$PEER/../workload.json" > "$OUT/rlhf_jax_run$r.jsonl" 2> "$OUT/rlhf_jax_run$r.log"
