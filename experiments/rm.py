@@ -45,7 +45,10 @@ def get_config(arg=None):
   if not synthetic:
     c.model.vocab_size = common.SIZES['1.3b']['vocab_size']
   c.init = dict(checkpoint='')                # the SFT run's checkpoints/ (empty: random init)
-  c.rm = dict(mode='flat' if arg.flat else 'grouped')
+  # pack_len > 0: a batch's responses share rows of that many tokens (>= data.seq_len), each its own
+  # segment, instead of K_max padded slots per prompt; pack_rows / pack_docs (rows per process,
+  # responses per row) 0: the least that holds every batch of the run.
+  c.rm = dict(mode='flat' if arg.flat else 'grouped', pack_len=0, pack_rows=0, pack_docs=0)
   c.norm = dict(mode=arg.norm, n=512 if size == 'tiny' else 64, demo_source='oasst_demos',
                 policy_checkpoint='', temperature=1.0)
   c.optim = dict(lr=3e-4 if cpu else 9e-6, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, grad_clip=1.0,

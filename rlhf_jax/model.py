@@ -132,9 +132,11 @@ def rotary(x, positions, theta):
 
 def read_rows(a, read_at=None, read_from=None):
   """a [B, T, ...] at the positions a last block reads: [B, 1, ...] at read_at [B] (one position per
-  row), [B, T - read_from, ...] from the static int read_from on, or all of a."""
+  row), [B, J, ...] at read_at [B, J] (J per row: packed rows), [B, T - read_from, ...] from the
+  static int read_from on, or all of a."""
   if read_at is not None:
-    return jnp.take_along_axis(a, read_at.reshape((-1, 1) + (1,) * (a.ndim - 2)), axis=1)
+    at = read_at.reshape(read_at.shape[:1] + (-1,))                           # [B, J]
+    return jnp.take_along_axis(a, at.reshape(at.shape + (1,) * (a.ndim - 2)), axis=1)
   return a if read_from is None else a[:, read_from:]
 
 
@@ -307,7 +309,8 @@ class Transformer(nn.Module):
     tokens attend only to each other; `cache_length` then returns a cache of that many slots
     holding them (a prefill that never attends over the empty slots).
 
-    read_at [B] (optional): return h [B, D] at that position of each row only. The last block then
+    read_at [B] (optional): return h [B, D] at that position of each row only (read_at [B, J]: h
+    [B, J, D] at J positions of each row, such as the ends of a packed row's documents). The last block then
     computes its queries, attention output and MLP there alone (its keys and values still cover
     every token): the cheap way to read a sampler's last prompt position or a reward model's last
     real token. read_from (a static int; not with read_at): return h [B, T - read_from, D] at
@@ -337,7 +340,7 @@ class Transformer(nn.Module):
                     read_from if last else None)
       kvs.append(kv)
     h = self.final_norm(x)
-    if read_at is not None:
+    if read_at is not None and read_at.ndim == 1:
       h = h[:, 0]                                                                # [B, D]
     if cache is not None:
       return h, {'index': cache['index'] + T, 'mask': key_mask, 'layers': kvs}
@@ -360,10 +363,11 @@ class Transformer(nn.Module):
     """Float32 scalar per position [...] from hidden states [..., D] (reward / value head)."""
     return jnp.einsum('...d,d->...', h.astype(jnp.float32), self.score_head.astype(jnp.float32))
 
-  def score_at(self, tokens, positions, mask, read_at, *, train=False):
-    """Float32 scalar [B] read at position read_at [B] of each row (a reward model's last real
-    token); the last block runs only there (see `trunk`)."""
-    h, _ = self.trunk(tokens, positions, mask, read_at=read_at, train=train)
+  def score_at(self, tokens, positions, mask, read_at, *, segments=None, train=False):
+    """Float32 scalars [B] read at position read_at [B] of each row (a reward model's last real
+    token), or [B, J] at read_at [B, J] (packed rows, with their `segments`); the last block runs
+    only there (see `trunk`)."""
+    h, _ = self.trunk(tokens, positions, mask, segments=segments, read_at=read_at, train=train)
     return self.score(h)
 
   def __call__(self, tokens, positions=None, mask=None, *, segments=None, train=False):

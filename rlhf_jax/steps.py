@@ -50,7 +50,13 @@ def _flat_responses(batch):
 
 def reward_scores(params, batch, *, model, train=False, rngs=None):
   """Raw rewards [B, K]: the scalar head at each response's last real token (batch['read_at']).
-  The model runs once per response (B·K rows), never once per pair."""
+  The model runs once per response (B·K rows), never once per pair. A packed batch
+  (`pipeline.pack_rankings`: the responses share rows, batch['slot'] [B, K] says where each one's
+  score is) runs its rows once instead."""
+  if 'slot' in batch:
+    r = model.apply({'params': params}, batch['tokens'], batch['positions'], batch['mask'], batch['read_at'],
+                    segments=batch['segments'], train=train, rngs=rngs, method=model.score_at)  # [R, J]
+    return r.reshape(-1)[batch['slot']]
   B, K = batch['read_at'].shape
   f = _flat_responses({k: batch[k] for k in ('tokens', 'positions', 'mask', 'read_at')})
   r = model.apply({'params': params}, f['tokens'], f['positions'], f['mask'], f['read_at'], train=train,
@@ -62,8 +68,8 @@ def reward_step(state: state_lib.TrainState, batch, *, model, tx):
   """One reward-model update on K-way rankings (InstructGPT eq. 1, `reward.ranking_loss`).
 
   batch: tokens, positions, mask [B, K, T]; read_at, ranks, valid [B, K] (see
-  `pipeline.encode_ranking`). In the flat "shuffled pairs" ablation K = 2 and each element is one
-  pair.
+  `pipeline.encode_ranking`), or packed (`pipeline.pack_rankings`). In the flat "shuffled pairs"
+  ablation K = 2 and each element is one pair.
   """
   def loss_fn(params):
     r = reward_scores(params, batch, model=model, train=True, rngs={'dropout': state.key()})

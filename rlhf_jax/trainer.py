@@ -299,11 +299,29 @@ def train_reward(c: ml_collections.ConfigDict, workdir: str, *, stop_after: int 
   tx = optim.make(c.optim.to_dict(), total)
   example = jnp.zeros((1, seq_len), jnp.int32)
   init_params = lambda key: model.init(key, example)['params']  # noqa: E731
-  train_iter = iter(pipeline.ranking_batches(tok, train, seq_len=seq_len, k_max=k_max,
-                                             global_batch=c.train.batch_size, seed=c.seed))
+  pack_len = c.rm.get('pack_len', 0)
+  if pack_len:   # the batch's responses share rows of pack_len tokens
+    if pack_len < seq_len:
+      raise ValueError(f'rm.pack_len={pack_len} is shorter than data.seq_len={seq_len}')
+    shape = pipeline.pack_shape_for(tok, train, seq_len=seq_len, k_max=k_max, global_batch=c.train.batch_size,
+                                    seed=c.seed, steps=total, row_len=pack_len,
+                                    multiple=mesh.shape['data'] * mesh.shape['fsdp'])
+    shape = dataclasses.replace(shape, rows=c.rm.get('pack_rows', 0) or shape.rows,
+                                docs=c.rm.get('pack_docs', 0) or shape.docs)
+    slots = c.train.batch_size * k_max * seq_len
+    log.info('reward model: packed rows %d x %d tokens per process, up to %d responses each (%.0f %% of the '
+             '%d unpacked slots)', shape.rows, pack_len, shape.docs,
+             100 * shape.rows * jax.process_count() * pack_len / slots, slots)
+    train_iter = iter(pipeline.packed_ranking_batches(tok, train, seq_len=seq_len, k_max=k_max,
+                                                      global_batch=c.train.batch_size, seed=c.seed, shape=shape))
+    fields = pipeline.PACKED_RANKING_FIELDS
+  else:
+    train_iter = iter(pipeline.ranking_batches(tok, train, seq_len=seq_len, k_max=k_max,
+                                               global_batch=c.train.batch_size, seed=c.seed))
+    fields = pipeline.RANKING_FIELDS
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), max_to_keep=c.train.keep_checkpoints)
   state, shardings = _restore_or_init(c, mesh, init_params, tx, ckpt, train_iter, fresh=('score_head',))
-  step_fn = steps.compile_step(steps.reward_step, mesh, shardings, pipeline.RANKING_FIELDS, model=model, tx=tx)
+  step_fn = steps.compile_step(steps.reward_step, mesh, shardings, fields, model=model, tx=tx)
   scorer = RewardScorer(model, tok, mesh, seq_len=seq_len, batch_size=c.train.eval_batch_size)
   evaluate = _rm_evaluator(c, tok, scorer, data)
   finalize = lambda state: {'norm': fit_rm_normalization(c, scorer, state.params, tok, mesh).to_dict(),  # noqa: E731

@@ -215,6 +215,72 @@ def test_step_ignores_the_tokens_of_padded_responses(smoke_rm):
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), s1.params, s2.params)
 
 
+def _pack(batch, row_len=32):
+  rows, docs = pipeline.pack_need(batch, row_len)
+  rows = -(-rows // 4) * 4                          # the smoke mesh's data * fsdp
+  return pipeline.pack_rankings(batch, pipeline.PackShape(rows=rows, row_len=row_len, docs=docs))
+
+
+def test_packing_keeps_each_response_whole_and_apart():
+  batch = _batch(seed=2, b=6, k_max=5)
+  p = _pack(batch, row_len=40)
+  assert p['tokens'].shape[1] == 40 and p['slot'].shape == batch['valid'].shape
+  real = batch['mask'].sum()
+  assert p['mask'].sum() == real < p['tokens'].size  # every real token once, fewer slots than [B, K, T]
+  docs = p['read_at'].shape[1]
+  for i, j in zip(*np.nonzero(batch['valid'])):
+    row, doc = divmod(int(p['slot'][i, j]), docs)
+    n = int(batch['mask'][i, j].sum())
+    (where,) = np.nonzero(p['segments'][row] == doc + 1)
+    np.testing.assert_array_equal(where, np.arange(where[0], where[0] + n))    # contiguous, whole
+    np.testing.assert_array_equal(p['tokens'][row, where], batch['tokens'][i, j, :n])
+    np.testing.assert_array_equal(p['positions'][row, where], np.arange(n))
+    assert p['read_at'][row, doc] == where[-1] and where[-1] - where[0] == batch['read_at'][i, j]
+  np.testing.assert_array_equal(p['ranks'], batch['ranks'])
+  too_small = pipeline.PackShape(rows=1, row_len=40, docs=2)
+  with pytest.raises(ValueError, match='rm.pack_rows'):
+    pipeline.pack_rankings(batch, too_small)
+
+
+def test_packed_step_matches_the_unpacked_step(smoke_rm):
+  """The same rankings padded to [B, K_max, T] and packed into shared rows: the same loss,
+  accuracy and update (the unpacked step is the reference)."""
+  _, model, tx, mesh, state, step = smoke_rm
+  batch = _batch(seed=3, b=4, k_max=5)
+  packed = _pack(batch)
+  pstep = steps.compile_step(steps.reward_step, mesh, jax.tree.map(lambda a: a.sharding, state),
+                             pipeline.PACKED_RANKING_FIELDS, model=model, tx=tx)
+  copy = lambda s: jax.tree.map(jnp.copy, s)  # noqa: E731  (the step donates its state)
+  s1, m1 = step(copy(state), sharding.shard_batch(batch, mesh))
+  s2, m2 = pstep(copy(state), sharding.shard_batch(packed, mesh))
+  for k in ('rm/loss', 'rm/accuracy', 'rm/pairs', 'rm/prompts', 'rm/score_mean', 'rm/grad_norm'):
+    np.testing.assert_allclose(np.asarray(m2[k]), np.asarray(m1[k]), rtol=2e-5, atol=1e-6, err_msg=k)
+
+  def grads(b):   # (Adam's first update is ~lr·sign(g): compare the gradients, not the new parameters)
+    loss = lambda p: reward.ranking_loss(steps.reward_scores(p, b, model=model), b['ranks'], b['valid'])[0]  # noqa: E731
+    return jax.jit(jax.grad(loss))(jax.device_get(state.params))
+  g1, g2 = grads(batch), grads(packed)
+  scale = max(float(np.abs(a).max()) for a in jax.tree.leaves(g1))   # some leaves' true gradient is 0
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6 * scale)
+
+
+def test_pack_shape_holds_every_batch_of_the_run():
+  recs = [{'prompt': f'prompt {i}\n', 'responses': [f'r{j}' * (1 + (i * j) % 5) for j in range(2 + i % 4)]}
+          for i in range(40)]
+  kw = dict(seq_len=24, k_max=5, global_batch=8, seed=1)
+  shape = pipeline.pack_shape_for(TOK, recs, steps=12, row_len=48, multiple=4, **kw)
+  assert shape.rows % 4 == 0
+  plain, packed = iter(pipeline.ranking_batches(TOK, recs, **kw)), iter(pipeline.packed_ranking_batches(
+      TOK, recs, shape=shape, **kw))
+  need = []
+  for _ in range(12):                                # three epochs, reshuffled
+    b, p = next(plain), next(packed)
+    need.append(pipeline.pack_need(b, 48))
+    assert p['mask'].sum() == b['mask'].sum() and p['tokens'].shape == (shape.rows, 48)
+  assert max(r for r, _ in need) > shape.rows - 4 and max(d for _, d in need) == shape.docs
+
+
 # ----------------------------------------------------------------------------
 # The loop.
 

@@ -20,6 +20,7 @@ Batches are dicts of int32 [B, T] arrays, the model's inputs:
 from __future__ import annotations
 
 import dataclasses
+import math
 import zlib
 from typing import Any, Mapping, Sequence
 
@@ -258,6 +259,110 @@ def ranking_batches(tok, records: Sequence[Mapping[str, Any]], *, seq_len: int, 
   ds = _host_rows(grain.MapDataset.source(records).seed(seed).shuffle().repeat(), global_batch)
   ds = ds.map(lambda r: encode_ranking(tok, r, seq_len, k_max)).to_iter_dataset()
   return Stream(ds.batch(rows, drop_remainder=True), per_host_index=True)
+
+
+# Packed rankings: a batch's responses share rows of `row_len` tokens (segments keep them apart),
+# so the model computes real tokens instead of K_max · seq_len slots per prompt.
+
+PACKED_RANKING_FIELDS = {'tokens': 2, 'mask': 2, 'positions': 2, 'segments': 2, 'read_at': 2, 'slot': 2,
+                         'ranks': 2, 'valid': 2}
+
+
+@dataclasses.dataclass(frozen=True)
+class PackShape:
+  """Rows per process of `row_len` tokens, each holding at most `docs` responses."""
+  rows: int
+  row_len: int
+  docs: int
+
+
+def _first_fit(lengths: Sequence[int], row_len: int, rows: int | None = None, docs: int | None = None):
+  """First-fit decreasing: (row, start, index in row) of each length, longest first (ties in order),
+  each into the first row with room, a new row when none has. None if `rows`/`docs` are too few."""
+  fill, count, where = [], [], [None] * len(lengths)
+  for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+    n = lengths[i]
+    row = next((r for r in range(len(fill)) if fill[r] + n <= row_len and (docs is None or count[r] < docs)), None)
+    if row is None:
+      if rows is not None and len(fill) >= rows:
+        return None
+      row = len(fill)
+      fill.append(0)
+      count.append(0)
+    where[i] = (row, fill[row], count[row])
+    fill[row] += n
+    count[row] += 1
+  return where
+
+
+def _response_lengths(batch) -> list[int]:
+  """Real tokens of each valid response of stacked `encode_ranking` arrays, in (prompt, slot) order."""
+  lengths = batch['mask'].sum(-1)                                                     # [b, K]
+  return [int(n) for n, v in zip(lengths.ravel(), batch['valid'].ravel()) if v]
+
+
+def pack_need(batch, row_len: int) -> tuple[int, int]:
+  """(rows, most responses in one row) that `pack_rankings` needs for this batch."""
+  where = _first_fit(_response_lengths(batch), row_len)
+  return max((w[0] + 1 for w in where), default=1), max((w[2] + 1 for w in where), default=1)
+
+
+def pack_rankings(batch, shape: PackShape, slot_offset: int = 0) -> dict:
+  """Stacked `encode_ranking` arrays [b, K, T] -> packed fields (PACKED_RANKING_FIELDS): tokens, mask,
+  positions, segments [rows, row_len] (segment ids 1, 2, ... per row, 0 on padding); read_at
+  [rows, docs] (each response's last token); slot [b, K], the index of each response's score in the
+  flattened [rows · docs] scores of the whole global batch (`slot_offset`: this process's first);
+  ranks and valid as given. Raises ValueError if the responses do not fit `shape`."""
+  b, k, _ = batch['tokens'].shape
+  lengths = batch['mask'].sum(-1)
+  valid = batch['valid'].astype(bool)
+  keys = [(i, j) for i in range(b) for j in range(k) if valid[i, j]]
+  where = _first_fit([int(lengths[i, j]) for i, j in keys], shape.row_len, shape.rows, shape.docs)
+  if where is None:
+    rows, docs = pack_need(batch, shape.row_len)
+    raise ValueError(f'a batch of rankings needs {rows} rows of {shape.row_len} tokens with up to {docs} '
+                     f'responses each; the packing allows {shape.rows} rows and {shape.docs} responses '
+                     '(rm.pack_rows / rm.pack_docs; 0 sizes them from the run\'s own batches)')
+  out = {f: np.zeros((shape.rows, shape.row_len), np.int32) for f in ('tokens', 'mask', 'positions', 'segments')}
+  out['read_at'] = np.zeros((shape.rows, shape.docs), np.int32)
+  out['slot'] = np.zeros((b, k), np.int32)
+  for (i, j), (row, start, doc) in zip(keys, where):
+    n = int(lengths[i, j])
+    out['tokens'][row, start:start + n] = batch['tokens'][i, j, :n]
+    out['mask'][row, start:start + n] = 1
+    out['positions'][row, start:start + n] = np.arange(n)
+    out['segments'][row, start:start + n] = doc + 1
+    out['read_at'][row, doc] = start + n - 1
+    out['slot'][i, j] = slot_offset + row * shape.docs + doc
+  out['ranks'], out['valid'] = batch['ranks'], batch['valid']
+  return out
+
+
+def packed_ranking_batches(tok, records: Sequence[Mapping[str, Any]], *, seq_len: int, k_max: int,
+                           global_batch: int, seed: int, shape: PackShape) -> Stream:
+  """`ranking_batches` with each batch's responses packed (`pack_rankings`) into `shape`."""
+  offset = jax.process_index() * shape.rows * shape.docs
+  stream = ranking_batches(tok, records, seq_len=seq_len, k_max=k_max, global_batch=global_batch, seed=seed)
+  return Stream(stream.ds.map(lambda batch: pack_rankings(batch, shape, offset)), stream.per_host_index)
+
+
+def pack_shape_for(tok, records: Sequence[Mapping[str, Any]], *, seq_len: int, k_max: int, global_batch: int,
+                   seed: int, steps: int, row_len: int, multiple: int = 1) -> PackShape:
+  """The smallest PackShape that holds every process's part of the first `steps` global batches of
+  `ranking_batches(... seed)` (the same order, read for every process), rows rounded up so that the
+  global row count is a multiple of `multiple` (the mesh's batch devices)."""
+  n_proc = jax.process_count()
+  per = _check_processes(global_batch)
+  ds = grain.MapDataset.source(records).seed(seed).shuffle().repeat()
+  rows = docs = 1
+  for step in range(steps):
+    for p in range(n_proc):
+      start = step * global_batch + p * per
+      enc = [encode_ranking(tok, ds[start + i], seq_len, k_max) for i in range(per)]
+      r, d = pack_need({f: np.stack([e[f] for e in enc]) for f in ('mask', 'valid')}, row_len)
+      rows, docs = max(rows, r), max(docs, d)
+  step = multiple // math.gcd(multiple, n_proc)   # rows per process, so n_proc · rows is a multiple
+  return PackShape(rows=-(-rows // step) * step, row_len=row_len, docs=docs)
 
 
 def ranking_eval_batches(tok, records: Sequence[Mapping[str, Any]], *, seq_len: int, k_max: int,
