@@ -33,6 +33,7 @@ def main(mode: str, workdir: str, mesh: str = '2,2,2') -> None:
     # Kept short for the suite: the sampler is exercised by SFT's gold evaluation, PPO's rollouts and
     # the LM evaluations below, so the RM trains on the task's candidates only; two PPO iterations.
     c.rm.data.comparisons = 'candidates'
+    c.rm.rm.pack_len = 128   # packed rankings: each process packs its own rows (global score slots)
     c.ppo.train.steps = 2
     for stage in ('sft', 'rm', 'ppo'):
       c[stage].mesh.data, c[stage].mesh.fsdp, c[stage].mesh.tensor = map(int, mesh.split(','))
