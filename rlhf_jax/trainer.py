@@ -299,26 +299,7 @@ def train_reward(c: ml_collections.ConfigDict, workdir: str, *, stop_after: int 
   tx = optim.make(c.optim.to_dict(), total)
   example = jnp.zeros((1, seq_len), jnp.int32)
   init_params = lambda key: model.init(key, example)['params']  # noqa: E731
-  pack_len = c.rm.get('pack_len', 0)
-  if pack_len:   # the batch's responses share rows of pack_len tokens
-    if pack_len < seq_len:
-      raise ValueError(f'rm.pack_len={pack_len} is shorter than data.seq_len={seq_len}')
-    shape = pipeline.pack_shape_for(tok, train, seq_len=seq_len, k_max=k_max, global_batch=c.train.batch_size,
-                                    seed=c.seed, steps=total, row_len=pack_len,
-                                    multiple=mesh.shape['data'] * mesh.shape['fsdp'])
-    shape = dataclasses.replace(shape, rows=c.rm.get('pack_rows', 0) or shape.rows,
-                                docs=c.rm.get('pack_docs', 0) or shape.docs)
-    slots = c.train.batch_size * k_max * seq_len
-    log.info('reward model: packed rows %d x %d tokens per process, up to %d responses each (%.0f %% of the '
-             '%d unpacked slots)', shape.rows, pack_len, shape.docs,
-             100 * shape.rows * jax.process_count() * pack_len / slots, slots)
-    train_iter = iter(pipeline.packed_ranking_batches(tok, train, seq_len=seq_len, k_max=k_max,
-                                                      global_batch=c.train.batch_size, seed=c.seed, shape=shape))
-    fields = pipeline.PACKED_RANKING_FIELDS
-  else:
-    train_iter = iter(pipeline.ranking_batches(tok, train, seq_len=seq_len, k_max=k_max,
-                                               global_batch=c.train.batch_size, seed=c.seed))
-    fields = pipeline.RANKING_FIELDS
+  train_iter, fields = _ranking_stream(c, tok, train, mesh, seq_len=seq_len, k_max=k_max, steps=total)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), max_to_keep=c.train.keep_checkpoints)
   state, shardings = _restore_or_init(c, mesh, init_params, tx, ckpt, train_iter, fresh=('score_head',))
   step_fn = steps.compile_step(steps.reward_step, mesh, shardings, fields, model=model, tx=tx)
@@ -328,6 +309,24 @@ def train_reward(c: ml_collections.ConfigDict, workdir: str, *, stop_after: int 
                             'model': dataclasses.asdict(model.cfg)}
   return _loop(c, workdir, stage='rm', state=state, step_fn=step_fn, batches=train_iter, mesh=mesh, ckpt=ckpt,
                total=total, evaluate=evaluate, stop_after=stop_after, finalize=finalize)
+
+
+def _ranking_stream(c, tok, train, mesh, *, seq_len: int, k_max: int, steps: int):
+  """The RM's training iterator and its batch fields: padded rankings, or (`rm.pack_len` > 0)
+  packed ones whose shape holds every one of the run's `steps` batches."""
+  kw = dict(seq_len=seq_len, k_max=k_max, global_batch=c.train.batch_size, seed=c.seed)
+  if not c.rm.pack_len:
+    return iter(pipeline.ranking_batches(tok, train, **kw)), pipeline.RANKING_FIELDS
+  if c.rm.pack_len < seq_len:
+    raise ValueError(f'rm.pack_len={c.rm.pack_len} is shorter than data.seq_len={seq_len}')
+  shape = pipeline.pack_shape_for(tok, train, **kw, steps=steps, row_len=c.rm.pack_len,
+                                  multiple=mesh.shape['data'] * mesh.shape['fsdp'])
+  shape = dataclasses.replace(shape, rows=c.rm.pack_rows or shape.rows, docs=c.rm.pack_docs or shape.docs)
+  slots = c.train.batch_size * k_max * seq_len
+  log.info('reward model: packed rows %d x %d tokens per process, up to %d responses each (%.0f %% of the '
+           '%d unpacked slots)', shape.rows, shape.row_len, shape.docs,
+           100 * shape.rows * jax.process_count() * shape.row_len / slots, slots)
+  return iter(pipeline.packed_ranking_batches(tok, train, **kw, shape=shape)), pipeline.PACKED_RANKING_FIELDS
 
 
 COMPARISON_SOURCES = ('candidates', 'policy', 'both')

@@ -251,12 +251,17 @@ def pairs_of(records: Sequence[Mapping[str, Any]]) -> list[dict]:
   return out
 
 
+def _ranking_order(records: Sequence[Mapping[str, Any]], seed: int) -> grain.MapDataset:
+  """The global training order of rankings: shuffled from `seed`, repeated without end."""
+  return grain.MapDataset.source(records).seed(seed).shuffle().repeat()
+
+
 def ranking_batches(tok, records: Sequence[Mapping[str, Any]], *, seq_len: int, k_max: int,
                     global_batch: int, seed: int) -> Stream:
   """An endless, shuffled (reshuffled every epoch) stream of this host's rows of each global batch
   of rankings (`encode_ranking`); checkpointable like `train_batches`."""
   rows = _check_processes(global_batch)
-  ds = _host_rows(grain.MapDataset.source(records).seed(seed).shuffle().repeat(), global_batch)
+  ds = _host_rows(_ranking_order(records, seed), global_batch)
   ds = ds.map(lambda r: encode_ranking(tok, r, seq_len, k_max)).to_iter_dataset()
   return Stream(ds.batch(rows, drop_remainder=True), per_host_index=True)
 
@@ -353,7 +358,7 @@ def pack_shape_for(tok, records: Sequence[Mapping[str, Any]], *, seq_len: int, k
   global row count is a multiple of `multiple` (the mesh's batch devices)."""
   n_proc = jax.process_count()
   per = _check_processes(global_batch)
-  ds = grain.MapDataset.source(records).seed(seed).shuffle().repeat()
+  ds = _ranking_order(records, seed)
   rows = docs = 1
   for step in range(steps):
     for p in range(n_proc):
