@@ -44,7 +44,10 @@ def get_config(arg=None):
                 n_policy_valid=256 if size == 'tiny' else 16, policy_temperature=1.0, policy_batch=256)
   if not synthetic:
     c.model.vocab_size = common.SIZES['1.3b']['vocab_size']
-  c.init = dict(checkpoint='')                # the SFT run's checkpoints/ (empty: random init)
+  c.init = dict(checkpoint='',                # the SFT run's checkpoints/ (empty: random init)
+                # the policy whose samples data.comparisons='policy'/'both' ranks and norm.mode='reference'
+                # centres on: the one PPO will optimise (empty: init.checkpoint)
+                policy_checkpoint='')
   # pack_len > 0: a batch's responses share rows of that many tokens (>= data.seq_len), each its own
   # segment, instead of K_max padded slots per prompt; pack_rows / pack_docs (rows per process,
   # responses per row) 0: the least that holds every batch of the run.

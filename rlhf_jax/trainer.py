@@ -335,7 +335,9 @@ COMPARISON_SOURCES = ('candidates', 'policy', 'both')
 def _with_policy_comparisons(c, data: dict, tok, mesh, workdir: str) -> dict:
   """`data.comparisons`: 'candidates' (the embedded task's candidate generator: demonstrator,
   mistakes, answers, junk), 'policy' (rankings of `data.n_policy` prompts' samples of the policy in
-  `init.checkpoint`, as InstructGPT collects them) or 'both'. Policy samples are drawn once and kept
+  `init.policy_checkpoint`, default `init.checkpoint`, as InstructGPT collects them) or 'both'. The
+  policy is the one PPO will optimise; it differs from the RM's own start when the RM is larger
+  (InstructGPT: a 6B RM for every policy size). Policy samples are drawn once and kept
   in the workdir, so a resumed run trains on the same comparisons. With policy comparisons the RM is
   also evaluated on rankings of the policy's samples to validation prompts ('policy_valid')."""
   src = c.data.get('comparisons', 'candidates')
@@ -345,17 +347,16 @@ def _with_policy_comparisons(c, data: dict, tok, mesh, workdir: str) -> dict:
     return data
   if c.data.source != 'synthetic':
     raise ValueError(f"data.comparisons={src!r} needs the embedded task's labelers (data.source='synthetic')")
-  if not c.init.checkpoint:
-    raise ValueError(f'data.comparisons={src!r} samples the policy in init.checkpoint, which is empty')
+  policy_path = c.init.get('policy_checkpoint') or c.init.checkpoint
+  if not policy_path:
+    raise ValueError(f'data.comparisons={src!r} samples the policy in init.policy_checkpoint (default: '
+                     'init.checkpoint); both are empty')
   path = fs.join(workdir, 'policy_comparisons.json')
   if fs.exists(path):
     pc = json.loads(fs.read_text(path))
   else:
     from rlhf_jax.evals.lm import LM
-    policy = build_model(c)
-    abstract, shardings = _abstract_params(policy, mesh)
-    lm = LM(policy, _params_from(c.init.checkpoint, abstract, shardings), tok, mesh,
-            batch_size=c.data.policy_batch)
+    lm = LM(*_sampling_policy(c, policy_path, mesh), tok, mesh, batch_size=c.data.policy_batch)
     sample = lambda prompts, seed: lm.generate(  # noqa: E731
         prompts, max_new_tokens=c.eval.gen_len, prompt_len=c.eval.prompt_len,
         temperature=c.data.policy_temperature, seed=seed, desc='policy samples')
@@ -439,10 +440,22 @@ def _ranking_metrics(scores, valid, heldout_labeler, tok, prefix: str) -> dict:
   return out
 
 
+def _sampling_policy(c, path: str, mesh):
+  """(model, params) of a policy the RM stage samples from. At `init.checkpoint` (the RM's own SFT
+  start, any checkpoint of it) the model is this stage's `c.model`; any other path must be a finished
+  SFT or PPO run, whose saved shape is used, so the policy may be smaller than the RM."""
+  if path != c.init.checkpoint:
+    return load_policy(path, mesh)
+  policy = build_model(c)                  # the SFT policy's shape: c.model, with its LM head
+  abstract, shardings = _abstract_params(policy, mesh)
+  return policy, _params_from(path, abstract, shardings)
+
+
 def fit_rm_normalization(c, scorer: RewardScorer, params, tok, mesh) -> reward.Normalization:
   """`norm.mode` 'demonstrations': a bias so that `norm.n` demonstrations score mean 0
   (InstructGPT); 'reference': gain and bias so that samples of the reference policy
-  (`norm.policy_checkpoint`, default `init.checkpoint`) to `norm.n` prompts score mean 0, std 1."""
+  (`norm.policy_checkpoint`, default `init.policy_checkpoint`, then `init.checkpoint`) to `norm.n`
+  prompts score mean 0, std 1."""
   mode, n = c.norm.mode, c.norm.n
   if mode == 'none':
     return reward.Normalization()
@@ -450,12 +463,11 @@ def fit_rm_normalization(c, scorer: RewardScorer, params, tok, mesh) -> reward.N
     demos = datasets.demonstrations(c, n)
     raw = scorer.texts(params, [d['prompt'] for d in demos], [d['response'] for d in demos])
   else:
-    path = c.norm.policy_checkpoint or c.init.checkpoint
+    path = c.norm.policy_checkpoint or c.init.get('policy_checkpoint') or c.init.checkpoint
     if not path:
-      raise ValueError("norm.mode='reference' needs a policy: set norm.policy_checkpoint (or init.checkpoint)")
-    policy = build_model(c)                  # the SFT policy's shape: c.model, with its LM head
-    abstract, shardings = _abstract_params(policy, mesh)
-    pparams = _params_from(path, abstract, shardings)
+      raise ValueError("norm.mode='reference' needs a policy: set norm.policy_checkpoint (or "
+                       "init.policy_checkpoint, or init.checkpoint)")
+    policy, pparams = _sampling_policy(c, path, mesh)
     prompts = datasets.normalization_prompts(c, n)
     ys = datasets.policy_samples(c, policy, pparams, tok, mesh, prompts, temperature=c.norm.temperature,
                                  seed=c.seed)

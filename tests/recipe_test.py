@@ -92,13 +92,14 @@ def test_stage_inputs_come_from_earlier_stages_unless_given():
 
 def test_full_size_recipe_trains_a_6b_rm_from_a_6b_sft_run():
   """InstructGPT's RM is 6B for every policy size: the 1.3B recipe adds the stage sft_rm and starts the
-  RM from it (`{workdir}` in a config's init path is the recipe's workdir); PPO's value network
-  starts from the RM, its policy from the 1.3B SFT + mix."""
+  RM from it (`{workdir}` in a config's init path is the recipe's workdir), ranking samples of the
+  1.3B SFT + mix policy; PPO's value network starts from the RM, its policy from the 1.3B SFT + mix."""
   from experiments import instructgpt
   c = instructgpt.get_config('size=1.3b')
   assert c.stages.split(',')[:4] == ['sft', 'sft_mix', 'sft_rm', 'rm']
   assert c.sft_rm.model.d_model == c.rm.model.d_model == 4096 and c.ppo.model.d_model == 2048
-  assert recipe.stage_config(c, 'rm', 'gs://b/run').init.checkpoint == 'gs://b/run/sft_rm/checkpoints'
+  rm = recipe.stage_config(c, 'rm', 'gs://b/run').init
+  assert (rm.checkpoint, rm.policy_checkpoint) == ('gs://b/run/sft_rm/checkpoints', 'gs://b/run/sft_mix/checkpoints')
   ppo = recipe.stage_config(c, 'ppo', 'gs://b/run').init
   assert (ppo.checkpoint, ppo.reward_checkpoint) == ('gs://b/run/sft_mix/checkpoints', 'gs://b/run/rm/checkpoints')
   assert 'sft_rm' not in instructgpt.get_config('size=6b')   # the policy's own SFT + mix is 6B already

@@ -366,6 +366,36 @@ def test_init_from_sft_with_fresh_head_and_reference_normalisation(sft_run, tmp_
   assert abs(scored.mean()) < 1e-4 and abs(scored.std() - 1) < 1e-4
 
 
+@pytest.fixture(scope='module')
+def sft_run_wide(tmp_path_factory):
+  """A second SFT policy, of another shape than `sft_run`'s (and so than the smoke RM's)."""
+  workdir = str(tmp_path_factory.mktemp('sft_wide'))
+  c = sft_config.get_config('smoke')
+  c.model.update(d_model=48, n_layer=1)
+  c.train.update(steps=2, eval_every=0)
+  trainer.train_sft(c, workdir)
+  return workdir
+
+
+def test_policy_comparisons_rank_the_samples_of_init_policy_checkpoint(sft_run, sft_run_wide, tmp_path):
+  """With init.policy_checkpoint set, the RM (started from one SFT run) ranks the samples of another
+  policy, of another shape: the same comparisons as an RM stage started from that policy itself."""
+  def comparisons(name, init, policy='', **model):
+    c = _config()
+    c.data.update(comparisons='policy', n_policy=8, n_policy_valid=4)
+    c.model.update(**model)
+    c.init.update(checkpoint=f'{init}/checkpoints', policy_checkpoint=policy and f'{policy}/checkpoints')
+    mesh = sharding.make_mesh(**c.mesh.to_dict())
+    workdir = tmp_path / name
+    workdir.mkdir()
+    trainer._with_policy_comparisons(c, {}, TOK, mesh, str(workdir))
+    return (workdir / 'policy_comparisons.json').read_text()
+
+  other = comparisons('other', sft_run, policy=sft_run_wide)
+  assert other == comparisons('reference', sft_run_wide, d_model=48, n_layer=1)
+  assert other != comparisons('own', sft_run)
+
+
 def test_checkpoint_of_another_family_fails_naming_what_is_missing(tmp_path, uninterrupted):
   full_dir, _ = uninterrupted
   c = sft_config.get_config('smoke')
