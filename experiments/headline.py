@@ -5,8 +5,9 @@ The main job (experiments/instructgpt.py:tiny) plus one stage, `sft_large`: SFT 
 demonstrations, for the same steps, with a 4.0M-parameter policy (d_model 256, 5 layers; the tiny
 policy has 0.85M) at a learning rate of 1e-3 instead of the tiny policy's 3e-3. At 3e-3 the larger
 policy ends *worse* than the small one (greedy gold 0.360 against 0.452), which would make the
-comparison meaningless; at 1e-3 it is the better SFT policy (0.500), as a larger model should be. The evaluation adds the win rate of PPO-ptx (and PPO) against it, judged by the
-gold labeler, the held-out labeler and the RM. Run it in the main job's workdir to reuse its stages:
+comparison meaningless; at 1e-3 it is the better SFT policy (0.500), as a larger model should be.
+The evaluation adds the win rate of PPO-ptx (and PPO) against it, judged by the gold labeler, the
+held-out labeler and the RM. Run it in the main job's workdir to reuse its stages:
 
 python -m rlhf_jax.main --config=experiments/headline.py --workdir=runs/tiny
 """
