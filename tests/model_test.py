@@ -354,7 +354,8 @@ def test_dense_values_and_gradients_equal_einsum(x_shape, w_shape, n_in, dtype):
       lambda r: dict(rtol=2 ** -7, atol=2 ** -7 * float(jnp.abs(r.astype(jnp.float32)).max())))
   ref = jnp.einsum(spec, x, w)
   assert M.dense(x, w, n_in).dtype == dtype
-  np.testing.assert_allclose(M.dense(x, w, n_in).astype(jnp.float32), ref.astype(jnp.float32), **tol(ref))
+  np.testing.assert_allclose(M.dense(x, w, n_in).astype(jnp.float32), ref.astype(jnp.float32),
+                             **tol(ref))
   for a, b in zip(jax.grad(custom, (0, 1))(x, w), jax.grad(plain, (0, 1))(x, w)):
     assert a.dtype == b.dtype and a.shape == b.shape
     np.testing.assert_allclose(a.astype(jnp.float32), b.astype(jnp.float32), **tol(b))
