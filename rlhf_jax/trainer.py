@@ -347,13 +347,17 @@ def _with_policy_comparisons(c, data: dict, tok, mesh, workdir: str) -> dict:
     return data
   if c.data.source != 'synthetic':
     raise ValueError(f"data.comparisons={src!r} needs the embedded task's labelers (data.source='synthetic')")
-  policy_path = c.init.get('policy_checkpoint') or c.init.checkpoint
+  policy_path = _policy_path(c)
   if not policy_path:
     raise ValueError(f'data.comparisons={src!r} samples the policy in init.policy_checkpoint (default: '
                      'init.checkpoint); both are empty')
   path = fs.join(workdir, 'policy_comparisons.json')
   if fs.exists(path):
     pc = json.loads(fs.read_text(path))
+    if pc.get('policy', policy_path) != policy_path:   # files written before the key was kept: trusted
+      raise ValueError(f"{path} holds samples of the policy in {pc['policy']}, but init.policy_checkpoint "
+                       f'(or init.checkpoint) is now {policy_path}: restore the setting, or move the file '
+                       'away to sample the new policy')
   else:
     from rlhf_jax.evals.lm import LM
     lm = LM(*_sampling_policy(c, policy_path, mesh), tok, mesh, batch_size=c.data.policy_batch)
@@ -362,6 +366,7 @@ def _with_policy_comparisons(c, data: dict, tok, mesh, workdir: str) -> dict:
         temperature=c.data.policy_temperature, seed=seed, desc='policy samples')
     pc = {split: datasets.policy_comparisons(c, sample, split, n)
           for split, n in (('train', c.data.n_policy), ('valid', c.data.n_policy_valid))}
+    pc['policy'] = policy_path
     if jax.process_index() == 0:
       fs.write_text(path, json.dumps(pc))
   log.info('policy comparisons: %d train, %d validation groups', len(pc['train']['train']),
@@ -440,6 +445,11 @@ def _ranking_metrics(scores, valid, heldout_labeler, tok, prefix: str) -> dict:
   return out
 
 
+def _policy_path(c) -> str:
+  """The policy whose samples the RM stage ranks: init.policy_checkpoint, default init.checkpoint."""
+  return c.init.get('policy_checkpoint') or c.init.checkpoint
+
+
 def _sampling_policy(c, path: str, mesh):
   """(model, params) of a policy the RM stage samples from. At `init.checkpoint` (the RM's own SFT
   start, any checkpoint of it) the model is this stage's `c.model`; any other path must be a finished
@@ -463,7 +473,7 @@ def fit_rm_normalization(c, scorer: RewardScorer, params, tok, mesh) -> reward.N
     demos = datasets.demonstrations(c, n)
     raw = scorer.texts(params, [d['prompt'] for d in demos], [d['response'] for d in demos])
   else:
-    path = c.norm.policy_checkpoint or c.init.get('policy_checkpoint') or c.init.checkpoint
+    path = c.norm.policy_checkpoint or _policy_path(c)
     if not path:
       raise ValueError("norm.mode='reference' needs a policy: set norm.policy_checkpoint (or "
                        "init.policy_checkpoint, or init.checkpoint)")

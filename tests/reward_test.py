@@ -387,13 +387,17 @@ def test_policy_comparisons_rank_the_samples_of_init_policy_checkpoint(sft_run, 
     c.init.update(checkpoint=f'{init}/checkpoints', policy_checkpoint=policy and f'{policy}/checkpoints')
     mesh = sharding.make_mesh(**c.mesh.to_dict())
     workdir = tmp_path / name
-    workdir.mkdir()
+    workdir.mkdir(exist_ok=True)
     trainer._with_policy_comparisons(c, {}, TOK, mesh, str(workdir))
     return (workdir / 'policy_comparisons.json').read_text()
 
   other = comparisons('other', sft_run, policy=sft_run_wide)
   assert other == comparisons('reference', sft_run_wide, d_model=48, n_layer=1)
   assert other != comparisons('own', sft_run)
+  # A resumed stage whose policy setting changed does not reuse the other policy's samples.
+  with pytest.raises(ValueError, match=r'policy_comparisons\.json holds samples of the policy in .*sft_wide'):
+    comparisons('other', sft_run)
+  assert (tmp_path / 'other' / 'policy_comparisons.json').read_text() == other   # nothing lost
 
 
 def test_checkpoint_of_another_family_fails_naming_what_is_missing(tmp_path, uninterrupted):
