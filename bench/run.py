@@ -286,9 +286,9 @@ def _time_steps(name: str, c, step, state, batch):
   return times, compile_s
 
 
-def run_sft(ctx: Ctx):
-  """The SFT workload through the project's own `steps.sft_step` (loss on every next token, as
-  the spec asks: a loss mask of ones), AdamW from the spec, state donated."""
+def sft_step(ctx: Ctx):
+  """(jitted step, state, batch) of the SFT workload: the project's own `steps.sft_step` (loss on
+  every next token, as the spec asks: a loss mask of ones), AdamW from the spec, state donated."""
   from rlhf_jax import sharding, steps
   from rlhf_jax.model import Transformer
   c = ctx.spec['sft']
@@ -298,17 +298,24 @@ def run_sft(ctx: Ctx):
   ones = np.ones_like(ids)
   batch = sharding.shard_batch({'tokens': ids, 'positions': np.broadcast_to(np.arange(c['seq']), ids.shape).copy(),
                                 'mask': ones, 'loss_mask': ones}, mesh)
-  step = steps.compile_step(steps.sft_step, mesh, shardings, tuple(batch), model=model, tx=tx)
+  return steps.compile_step(steps.sft_step, mesh, shardings, tuple(batch), model=model, tx=tx), state, batch
+
+
+def run_sft(ctx: Ctx):
+  """The SFT workload (`sft_step`)."""
+  c = ctx.spec['sft']
+  step, state, batch = sft_step(ctx)
   times, compile_s = _time_steps('SFT', c, step, state, batch)
   rate = c['batch'] * c['seq'] / statistics.median(times)
   ctx.emit('SFT', 'tokens_per_s', rate, times, mfu=ctx.mfu(rate, 3 * fwd_flops_per_token(ctx.spec, c['seq'])),
            mfu_with_head=ctx.mfu(rate, 3 * fwd_flops_per_token(ctx.spec, c['seq'], head=True)), compile_s=compile_s)
 
 
-def run_rm(ctx: Ctx):
-  """The RM workload through the project's own `steps.reward_step`: 8 prompts x K = 4 responses
-  as one grouped batch [8, 4, 128] (rank r = response r), the score read at the last token, eq. 1
-  over all 48 pairs (with K equal for every prompt, eq. 1 is the spec's plain mean over pairs)."""
+def rm_step(ctx: Ctx):
+  """(jitted step, state, batch) of the RM workload: the project's own `steps.reward_step` on 8
+  prompts x K = 4 responses as one grouped batch [8, 4, 128] (rank r = response r), the score read at
+  the last token, eq. 1 over all 48 pairs (with K equal for every prompt, eq. 1 is the spec's plain
+  mean over pairs)."""
   import dataclasses
   from rlhf_jax import sharding, steps
   from rlhf_jax.data import pipeline
@@ -322,7 +329,14 @@ def run_rm(ctx: Ctx):
       'tokens': ids, 'mask': np.ones_like(ids), 'positions': np.broadcast_to(np.arange(seq), ids.shape).copy(),
       'read_at': np.full((p, k), seq - 1, np.int32), 'ranks': np.broadcast_to(np.arange(k, dtype=np.int32), (p, k)).copy(),
       'valid': np.ones((p, k), np.int32)}, mesh)
-  step = steps.compile_step(steps.reward_step, mesh, shardings, pipeline.RANKING_FIELDS, model=model, tx=tx)
+  return steps.compile_step(steps.reward_step, mesh, shardings, pipeline.RANKING_FIELDS, model=model, tx=tx), state, batch
+
+
+def run_rm(ctx: Ctx):
+  """The RM workload (`rm_step`)."""
+  c = ctx.spec['rm']
+  p, k = c['prompts'], c['k']
+  step, state, batch = rm_step(ctx)
   times, compile_s = _time_steps('RM', c, step, state, batch)
   pairs = p * k * (k - 1) // 2
   ctx.emit('RM', 'comparisons_per_s', pairs / statistics.median(times), times, compile_s=compile_s)
