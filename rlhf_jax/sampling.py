@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax import model as model_lib
+from rlhf_jax import sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,6 +143,11 @@ def generate(params, prompts, prompt_mask, key, *, model: model_lib.Transformer,
   }
 
 
-def make_generate(model: model_lib.Transformer, cfg: SampleConfig):
-  """jit(generate) with the model and sampling settings bound."""
-  return jax.jit(functools.partial(generate, model=model, cfg=cfg))
+def make_generate(model: model_lib.Transformer, cfg: SampleConfig, mesh=None):
+  """jit(generate) with the model and sampling settings bound. With a mesh, the model's logical
+  activation shardings resolve against it (give params and prompts placed on it: prompts sharded
+  over the batch axes, e.g. with `sharding.shard_batch`)."""
+  fn = functools.partial(generate, model=model, cfg=cfg)
+  if mesh is not None:
+    fn = sharding.under_rules(fn, mesh)
+  return jax.jit(fn)

@@ -95,6 +95,28 @@ def test_logprobs_match_recomputed_logprobs_at_temperature():
   np.testing.assert_allclose(np.asarray(out['logprobs'])[real], ref[real], atol=1e-4)
 
 
+@pytest.mark.parametrize('style', sorted(CFGS))
+def test_sampling_on_a_mesh_draws_what_one_device_draws(style):
+  """`make_generate(..., mesh)` with params placed by the sharding rules and prompts split over
+  the batch axes (heads and MLP split over `tensor`): the same tokens and log-probs as on one
+  device, for the same key. The benchmark's GEN runs this way, data-parallel over a host's cores."""
+  from rlhf_jax import sharding
+  model, params = _model(style)
+  toks, mask = _prompts()
+  one = _gen(style, temperature=1.0)(params, toks, mask, jax.random.key(4))
+  mesh = sharding.make_mesh(data=4, tensor=2)
+  _, shardings = sharding.abstract_and_shardings(lambda k: model.init(k, jnp.zeros((1, 4), jnp.int32)),
+                                                 mesh, jax.random.key(0))
+  placed = jax.device_put(params, shardings['params'])
+  assert placed['block_0']['attn']['qkv'].sharding.spec[1] == 'tensor'   # [embed, heads, 3, kv]
+  t, m = sharding.shard_batch((toks, mask), mesh)
+  gen = sampling.make_generate(model, sampling.SampleConfig(max_new_tokens=N, temperature=1.0), mesh)
+  out = gen(placed, t, m, jax.random.key(4))
+  assert out['tokens'].sharding.spec[0] in (('data', 'fsdp'), 'data')
+  np.testing.assert_array_equal(out['tokens'], one['tokens'])
+  np.testing.assert_allclose(out['logprobs'], one['logprobs'], atol=1e-5)
+
+
 def test_eos_stops_a_sequence():
   _, params = _model('gpt2')
   toks, mask = _prompts()
