@@ -318,12 +318,15 @@ def test_model_config_rejects_unknown_keys():
     M.ModelConfig(d_model=32, n_head=4, n_kv_head=3)
 
 
-def test_tied_logits_gradient_equals_autodiff():
-  """The tied head's hand-written gradient equals JAX's gradient of the plain einsum."""
+@pytest.mark.parametrize('lead', [(2, 5), (3, M.FEW_ROWS // 3 + 1)])  # the few-rows form, the plain einsum
+def test_tied_logits_gradient_equals_autodiff(lead):
+  """The tied head's values and hand-written gradient equal the plain einsum's and JAX's gradient
+  of it, for few rows (the embedding-on-the-left product) and many."""
   rng = np.random.default_rng(6)
-  h = jnp.asarray(rng.normal(size=(2, 5, 8)), jnp.float32)
+  h = jnp.asarray(rng.normal(size=lead + (8,)), jnp.float32)
   emb = jnp.asarray(rng.normal(size=(11, 8)), jnp.float32)
-  w = jnp.asarray(rng.normal(size=(2, 5, 11)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=lead + (11,)), jnp.float32)
+  np.testing.assert_allclose(jax.jit(M.tied_logits)(h, emb), np.einsum('btd,vd->btv', h, emb), rtol=1e-5, atol=1e-5)
   plain = lambda h, e: jnp.sum(jnp.einsum('btd,vd->btv', h, e) ** 2 * w)  # noqa: E731
   custom = lambda h, e: jnp.sum(M.tied_logits(h, e) ** 2 * w)            # noqa: E731
   np.testing.assert_allclose(custom(h, emb), plain(h, emb), rtol=1e-6)
