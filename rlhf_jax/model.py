@@ -226,7 +226,7 @@ class Attention(nn.Module):
     # An additive mask rather than a select: its gradient needs no copy of the mask broadcast to
     # the logits' shape (masked probabilities are exactly 0, so their gradient is too).
     logits += jnp.where(visible, 0.0, _NEG)[:, None, None]
-    probs = jax.nn.softmax(logits, axis=-1).astype(dt)
+    probs = softmax(logits).astype(dt)
     out = jnp.einsum('bhgts,bhsk->bthgk', probs, v).reshape(q.shape[:2] + (H, Dh))  # [B, T, H, Dh]
     out = _constrain(out, ('batch', 'length', 'heads', 'kv'))
     wo_init = nn.initializers.normal(cfg.init_std / (2 * cfg.n_layer) ** 0.5)
@@ -320,6 +320,26 @@ def _tied_logits_bwd(res, g):
 
 
 tied_logits.defvjp(_tied_logits_fwd, _tied_logits_bwd)
+
+
+@jax.custom_jvp
+def softmax(x):
+  """Softmax over the last axis, differentiated in closed form: dy = y * (dx - sum(y * dx)).
+
+  Autodiff of the max / exp / sum / divide (what `jax.nn.softmax` differentiates by default) keeps
+  the exponentials and the sums as well and runs a longer element-wise chain over the [B, H, T, S]
+  attention weights; on XLA's CPU backend the SFT and RM benchmark steps run 1.06x faster with this
+  (as a JVP rule; the same formula as a VJP rule gained 1.02x).
+  """
+  e = jnp.exp(x - jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True)))
+  return e / jnp.sum(e, axis=-1, keepdims=True)
+
+
+@softmax.defjvp
+def _softmax_jvp(primals, tangents):
+  (x,), (dx,) = primals, tangents
+  y = softmax(x)
+  return y, y * (dx - jnp.sum(y * dx, axis=-1, keepdims=True))
 
 
 def default_positions(mask):

@@ -318,6 +318,25 @@ def test_model_config_rejects_unknown_keys():
     M.ModelConfig(d_model=32, n_head=4, n_kv_head=3)
 
 
+def test_softmax_values_and_gradient_equal_autodiff():
+  """The attention softmax's closed-form gradient equals JAX's autodiff of the plain softmax,
+  rows with masked (-1e30) logits included; masked entries get probability and gradient 0."""
+  rng = np.random.default_rng(8)
+  x = rng.normal(size=(3, 4, 7)).astype(np.float32) * 3
+  x[0, 1, 4:] = -1e30
+  x, w = jnp.asarray(x), jnp.asarray(rng.normal(size=(3, 4, 7)), jnp.float32)
+
+  def plain(x):
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+  np.testing.assert_allclose(M.softmax(x), plain(np.asarray(x, np.float64)), rtol=1e-5, atol=1e-7)
+  assert float(M.softmax(x)[0, 1, 4:].max()) == 0.0
+  ours = jax.grad(lambda x: jnp.sum(M.softmax(x) ** 2 * w))(x)
+  ref = jax.grad(lambda x: jnp.sum(jax.nn.softmax(x) ** 2 * w))(x)
+  np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-6)
+  assert float(jnp.abs(ours[0, 1, 4:]).max()) == 0.0
+
+
 @pytest.mark.parametrize('lead', [(2, 5), (3, M.FEW_ROWS // 3 + 1)])  # the few-rows form, the plain einsum
 def test_tied_logits_gradient_equals_autodiff(lead):
   """The tied head's values and hand-written gradient equal the plain einsum's and JAX's gradient
