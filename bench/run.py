@@ -2,7 +2,7 @@
 """rlhf_jax on the fixed benchmark workloads (WORKLOAD.md; numbers in workload.json).
 
 Prints one JSON line per result on stdout (the first is ENV), progress on stderr:
-    python bench/run.py [--workload GEN ...] [--tag run1] [--spec path/to/workload.json]
+    python bench/run.py [--workload GEN ...] [--tag run1] [--spec path/to/workload.json] [--host-devices N]
 
 Workloads are the functions in WORKLOADS (name -> fn(ctx)); each prints its own result lines.
 """

@@ -6,7 +6,6 @@ builder in `rlhf_jax.data.builders` (real data read from `data.manual_dir`). Pre
 """
 from __future__ import annotations
 
-import functools
 import logging
 import math
 
@@ -157,7 +156,7 @@ def make_sampler(c, model, tok: tokenizers.Tokenizer, mesh, *, temperature: floa
   n_proc, unit = jax.process_count(), math.lcm(mesh.shape['data'] * mesh.shape['fsdp'], jax.process_count())
   scfg = sampling.SampleConfig(max_new_tokens=c.eval.gen_len, temperature=temperature, eos_id=tok.eos_id,
                                pad_id=tok.pad_id, vocab_size=tok.vocab_size)
-  gen = jax.jit(sharding.under_rules(functools.partial(sampling.generate, model=model, cfg=scfg), mesh))
+  gen = sampling.make_generate(model, scfg, mesh)
   size = max(c.train.eval_batch_size // unit, 1) * unit
 
   def sample(params, prompts: list[str], seed: int) -> list[str]:
