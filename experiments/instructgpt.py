@@ -13,7 +13,8 @@ seconds), tiny (2 CPU cores, the README's figures), 1.3b (InstructGPT's shapes a
 `:target=v4-64` lays every stage out on that machine (`common.TARGETS`). At 1.3b and 175b the RM
 (and so PPO's value network) is 6B, as in InstructGPT, trained from a 6B SFT run (stage `sft_rm`,
 on the same demonstrations) and ranks samples of the policy's SFT + mix run (`rm.init.policy_checkpoint`,
-filled in by the recipe); at 6b and the CPU sizes it starts from the policy's SFT + mix run.
+filled in by the recipe); at 6b and the CPU sizes it starts from the policy's SFT run and ranks
+samples of its SFT + mix run.
 
 python -m rlhf_jax.main --config=experiments/instructgpt.py:tiny --workdir=runs/tiny
 python -m rlhf_jax.main --config=experiments/instructgpt.py:tiny --workdir=runs/tiny --config.stages=sft,sft_mix

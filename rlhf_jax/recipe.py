@@ -27,7 +27,8 @@ INPUTS = {
     'sft': {},
     'sft_mix': {'checkpoint': 'sft'},
     'sft_rm': {},      # an SFT run of the RM's shape when it differs from the policy's (InstructGPT: 6B)
-    'rm': {'checkpoint': 'sft_mix', 'policy_checkpoint': 'sft_mix'},   # ranks the samples of the policy PPO starts from
+    # The RM starts from the SFT model (InstructGPT) and ranks samples of the policy PPO starts from.
+    'rm': {'checkpoint': 'sft', 'policy_checkpoint': 'sft_mix'},
     'ppo': {'checkpoint': 'sft_mix', 'reward_checkpoint': 'rm'},
     'ppo_ptx': {'checkpoint': 'sft_mix', 'reward_checkpoint': 'rm'},
     'sft_large': {},   # an SFT-only policy of a larger shape (experiments/headline.py)

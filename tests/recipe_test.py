@@ -85,6 +85,8 @@ def test_stage_inputs_come_from_earlier_stages_unless_given():
   sub = recipe.stage_config(c, 'ppo', '/w')
   assert sub.init.checkpoint == '/elsewhere/sft/checkpoints' and sub.init.reward_checkpoint == '/w/rm/checkpoints'
   assert recipe.stage_config(c, 'sft_mix', '/w').init.checkpoint == '/w/sft/checkpoints'
+  rm = recipe.stage_config(c, 'rm', '/w').init   # InstructGPT: the RM starts from SFT, ranks the PPO policy's samples
+  assert (rm.checkpoint, rm.policy_checkpoint) == ('/w/sft/checkpoints', '/w/sft_mix/checkpoints')
   c.stages = 'sft,typo'
   with pytest.raises(ValueError, match="unknown \\['typo'\\]"):
     recipe.run(c, '/w')
