@@ -331,7 +331,7 @@ def softmax(x):
   attention weights; on XLA's CPU backend the SFT and RM benchmark steps run 1.06x faster with this
   (as a JVP rule; the same formula as a VJP rule gained 1.02x).
   """
-  e = jnp.exp(x - jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True)))
+  e = jnp.exp(x - jnp.max(x, axis=-1, keepdims=True))   # never differentiated: the rule below is
   return e / jnp.sum(e, axis=-1, keepdims=True)
 
 
