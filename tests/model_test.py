@@ -234,6 +234,44 @@ def test_packed_documents_never_attend_across(setup):
     np.testing.assert_allclose(packed['logits'][0, sl], alone['logits'][0], atol=1e-4, rtol=1e-4)
 
 
+def test_causal_query_blocks_equal_one_block(setup, monkeypatch):
+  """Causal self-attention split into query blocks, each attending only to the keys up to its end,
+  gives the NumPy reference's outputs, and the outputs and parameter gradients of one T x T block on
+  left-padded and packed rows, with and without read_from."""
+  cfg, _, params, _ = setup
+  monkeypatch.setattr(M, 'MIN_QUERY_BLOCK', 2)
+  assert M.query_blocks(10, 4) == [(0, 2), (2, 5), (5, 7), (7, 10)]
+  assert M.query_blocks(3, 4) == [(0, 3)]
+  one, four = (M.Transformer(cfg.replace(attention_blocks=n)) for n in (1, 4))
+  rng = np.random.default_rng(7)
+  tokens = rng.integers(0, cfg.vocab_size, size=(2, 11))
+  out = jax.jit(lambda p: four.apply({'params': p}, tokens))(params)
+  for b in range(2):
+    logits, scores = ref_forward(cfg, params, tokens[b])
+    np.testing.assert_allclose(out['logits'][b], logits, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(out['scores'][b], scores, atol=1e-4, rtol=1e-4)
+  # Row 0: two packed documents; rows 1 and 2: left-padded.
+  toks, mask = _padded([rng.integers(1, cfg.vocab_size, size=n) for n in (12, 5, 9)], 12, left=True)
+  segs = mask.copy()
+  segs[0, 7:] = 2
+  pos = np.where(segs == 2, np.arange(12) - 7, np.asarray(M.default_positions(jnp.asarray(mask))))
+  w = jnp.asarray(rng.normal(size=(3, 12, cfg.vocab_size)), jnp.float32)
+
+  def loss(model, p, read_from):
+    h, _ = model.apply({'params': p}, toks, pos, mask, segments=segs, read_from=read_from, method='trunk')
+    n = h.shape[1]
+    logits = model.apply({'params': p}, h, method='logits')
+    return jnp.sum(logits * w[:, -n:] * mask[:, -n:, None]), logits
+
+  for read_from in (None, 3):
+    (l1, x1), g1 = jax.jit(jax.value_and_grad(lambda p: loss(one, p, read_from), has_aux=True))(params)
+    (l4, x4), g4 = jax.jit(jax.value_and_grad(lambda p: loss(four, p, read_from), has_aux=True))(params)
+    real = np.asarray(mask[:, -x1.shape[1]:], bool)
+    np.testing.assert_allclose(np.asarray(x4)[real], np.asarray(x1)[real], atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(l4, l1, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), g4, g1)
+
+
 def test_every_parameter_has_logical_axis_names():
   for cfg in STYLES.values():
     boxed = jax.eval_shape(M.Transformer(cfg).init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
