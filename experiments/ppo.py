@@ -57,7 +57,8 @@ def get_config(arg=None):
                recompute_logprobs=False, value_model='separate',
                ptx_coef=27.8 if arg.ptx else 0.0, ptx_ratio=8, ema_decay=0.992,
                # full size: the 8x pretraining rows of a minibatch in 8 chunks, each the size of the
-               # PPO minibatch (in one pass, 1.3B PPO-ptx needs ~300 GiB a GPU: rlhf_jax.memory)
+               # PPO minibatch (in one pass, 1.3B PPO-ptx needs ~71 of an H100's 80 GiB before XLA's
+               # temporaries: rlhf_jax.memory)
                ptx_microbatches=1 if cpu else 8)
   c.optim = dict(lr=1e-5, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, grad_clip=1.0,
                  schedule='constant', warmup_steps=0, final_lr_frac=1.0)

@@ -148,9 +148,11 @@ def layer_bytes_per_token(cfg: model_lib.ModelConfig, seq_len: int, tensor: int,
     split over tensor: Q, K, V and the attention output (2·H + 2·Hkv)·Dh·p, the MLP hidden
       2·F·p for gpt2 (the GELU's input and output) or 3·F·p for llama (gate, up, product)
       (the 24 of eq. 2 for gpt2 with F = 4·D and p = 2);
-    the attention probabilities H·S per token, kept in float32 (this model's softmax) plus their
+    the attention probabilities H·S' per token, kept in float32 (this model's softmax) plus their
       copy in `model.dtype` that feeds the value matmul when p < 4 (eq. 2 has 5·a·s: 16-bit
-      softmax output, dropout mask and dropout output; this model has no attention dropout).
+      softmax output, dropout mask and dropout output; this model has no attention dropout). S' is
+      the mean number of keys a query's block attends to (`model.attention_blocks`): S for one
+      block, 5·S/8 for four.
   Full remat (`nothing_saveable`): the block's input only, D·p (eq. 2's "2sbh" when p = 2).
   'dots' (`dots_with_no_batch_dims_saveable`): the input and the outputs of the four weight
   matmuls: QKV (H + 2·Hkv)·Dh·p and the MLP's first F·p (2·F·p for llama) split over tensor, the
@@ -168,7 +170,9 @@ def layer_bytes_per_token(cfg: model_lib.ModelConfig, seq_len: int, tensor: int,
     return p * (D + (heads + 2 * kv) * Dh + (1 if gpt2 else 2) * F + 2 * D)
   replicated = 4 * D * p + (2 * D if cfg.dropout > 0 else 0)
   split = p * ((2 * heads + 2 * kv) * Dh + (2 if gpt2 else 3) * F)
-  scores = heads * seq_len * (4 + (p if p < 4 else 0))
+  blocks = model_lib.query_blocks(seq_len, cfg.attention_blocks)
+  keys = -(-sum((b - a) * b for a, b in blocks) // seq_len)   # S': mean keys per query, rounded up
+  scores = heads * keys * (4 + (p if p < 4 else 0))
   return replicated + split + scores
 
 
