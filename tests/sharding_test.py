@@ -22,6 +22,14 @@ MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 1, 1)]
 B, T = 8, 12
 
 
+@pytest.fixture(autouse=True)
+def _small_query_blocks(monkeypatch):
+  """Query blocks of at least 4, so that causal attention over T = 12 runs as three query blocks (each
+  attending to the keys up to its end) on every mesh, and in the single-device reference."""
+  monkeypatch.setattr(M, 'MIN_QUERY_BLOCK', 4)
+  assert M.query_blocks(T, CFGS['gpt2'].attention_blocks) == [(0, 4), (4, 8), (8, 12)]
+
+
 def _batch():
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, 64, size=(B, T)).astype(np.int32)
