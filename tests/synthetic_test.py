@@ -11,8 +11,13 @@ from rlhf_jax.data import synthetic as syn
 from rlhf_jax.tokenizers import ByteTokenizer
 
 
-def _many_prompts(split: str = 'train', n: int = 400, seed: int = 3) -> list[str]:
-  return [p['prompt'] for p in syn.prompts(split, n, seed)]
+# Every family of the registry, the default task's and the harder ones it leaves out.
+EVERY_FAMILY = dataclasses.replace(syn.DEFAULT_CONFIG, families=tuple(syn.FAMILIES))
+
+
+def _many_prompts(split: str = 'train', n: int = 400, seed: int = 3,
+                  config: syn.TaskConfig = syn.DEFAULT_CONFIG) -> list[str]:
+  return [p['prompt'] for p in syn.prompts(split, n, seed, config)]
 
 
 # ----------------------------------------------------------------------------
@@ -130,6 +135,10 @@ def test_byte_lengths_within_limits():
     ('First letter of kiwi?', 'i', 0.2),  # a letter of the word, wrong one
     ('How many letters are in kiwi?', '4', 1.0),
     ('Reverse: abc', '', 0.0),
+    ('Write KIWI in lower case.', 'kiwi', 1.0),
+    ('Lowercase: KIWI', 'KIWI', 0.0),  # echoes the input: no letter of the answer
+    ('Copy: kiwi', 'kiwi', 1.0),
+    ('Copy: kiwi', 'Kiwi', 0.3 * 3 / 4 + 0.4 * 3 / 4),  # i, w, i right and in place; K is not k
 ])
 def test_gold_score_hand_computed(prompt, response, score):
   assert syn.gold_score(prompt, response) == pytest.approx(score)
@@ -140,7 +149,7 @@ def test_answers_score_one_for_every_family_and_corruptions_score_lower():
   rng = random.Random(0)
   seen = set()
   for split in syn.SPLITS:
-    for p in _many_prompts(split, 300):
+    for p in _many_prompts(split, 300, config=EVERY_FAMILY):
       inst = syn.parse(p)
       seen.add(inst.family)
       ans = syn.answer(p)
@@ -179,6 +188,42 @@ def test_demonstrator_accuracy_and_mean_gold():
   p = 'Reverse: abc'
   assert {syn.demonstrate(p, rng, accuracy=1.0) for _ in range(20)} == {'cba'}
   assert 'cba' not in {syn.demonstrate(p, rng, accuracy=0.0) for _ in range(50)}
+
+
+def test_numbers_spelled_out():
+  assert [syn._spelled(n) for n in (0, 7, 13, 20, 42, 99)] == [
+      'zero', 'seven', 'thirteen', 'twenty', 'forty-two', 'ninety-nine']
+
+
+def _normal(text: str) -> str:
+  return text.lower().replace(',', '').rstrip('.')
+
+
+@pytest.mark.parametrize('kind', ['verbose', 'format', 'off_task', 'wrong'])
+def test_each_lapse_is_of_its_kind(kind):
+  """lapse_mix weighs four kinds of mistakes; with one weight alone, every mistake is of that kind."""
+  mix = tuple(float(k == kind) for k in ('verbose', 'format', 'off_task', 'wrong'))
+  rng = random.Random(1)
+  for p in _many_prompts('train', 300, config=EVERY_FAMILY):
+    inst = syn.parse(p)
+    y = syn.demonstrate(p, rng, accuracy=0.0, lapse_mix=mix)
+    g = syn.gold_components(p, y)
+    assert y != inst.answer and g.score < 1.0
+    if kind == 'verbose':        # the answer, then more: right, but it did not stop
+      assert y.startswith(inst.answer) and g.correct == 1.0 and g.stop < 1.0
+    elif kind == 'format':       # the answer in another form: the labeler's format check fails
+      assert g.format == 0.0
+      if inst.kind == 'number':
+        assert y == syn._spelled(int(inst.answer))
+      else:
+        assert _normal(y) == _normal(inst.answer)
+    elif kind == 'off_task':     # the input echoed, a hedge or an unrelated word
+      word = inst.fields.get('w') or inst.fields.get('W')
+      assert y == word or y in syn.LEXICON or y in ("I don't know", 'not sure', 'ok', 'maybe', 'sure')
+  with pytest.raises(ValueError):
+    syn.TaskConfig(lapse_mix=(0.0, 0.0, 0.0, 0.0))
+  with pytest.raises(ValueError):
+    syn.TaskConfig(lapse_mix=(1.0, -0.5, 0.5, 0.0))
 
 
 def test_group_sizes_distinct_and_cover_the_range():

@@ -3,13 +3,19 @@
 The main job must run on a fresh machine with no files, so its data is made
 here, in the spirit of gold-reward-model studies (Gao et al. 2022):
 
-  * prompts: short instructions from a few task families (reverse, sort,
-    count, ...), split by a hash of the prompt text into train/valid/test, plus
-    a `heldout` split of whole families and templates never seen in training;
+  * prompts: short instructions from a few task families (by default upper
+    and lower case, copy, repeat, a pair of words, and the held-out length;
+    `FAMILIES` has more), split by a hash of the prompt text into
+    train/valid/test, plus a `heldout` split of whole families and templates
+    never seen in training;
   * `gold_score`: a program that grades any response in [0, 1] (correctness,
     explicit format constraints, stopping properly), standing in for humans;
   * `demonstrate`: a noisy demonstrator, right only part of the time, so RLHF
-    has room to improve on imitation;
+    has room to improve on imitation. Its lapses are mostly behavioural (not
+    stopping, the wrong form, not doing the task) rather than wrong answers:
+    a small model learns the skills, samples the lapses it imitated, and a
+    reward model of its size can learn to see them, as in InstructGPT, where
+    RLHF mostly fixes following the instruction rather than knowledge;
   * `Labeler`: Plackett-Luce rankings of K candidate responses on the gold
     utility with noise; two labelers differ slightly, to measure how a reward
     model generalises to held-out labelers;
@@ -201,13 +207,22 @@ FAMILIES: dict[str, _Family] = {
         'Last letter: {w}', 'What is the first letter of {w}?'),
         lambda rng, t: {'w': _word(rng)},
         lambda t, f: f['w'][0] if t in (0, 3) else f['w'][-1]),
+    'lower': _Family('word', (
+        'Write {W} in lower case.', 'Lowercase: {W}', 'Say {W} in small letters.'),
+        lambda rng, t: {'W': _word(rng).upper()}, lambda t, f: f['W'].lower()),
+    'copy': _Family('word', (
+        'Copy: {w}', 'Write {w}.', 'Repeat after me: {w}'),
+        lambda rng, t: {'w': _word(rng)}, lambda t, f: f['w']),
+    'pair': _Family('word', (
+        'Write {w} then {v}.', 'Say {w} and {v}.', 'Write {v} after {w}.'),
+        lambda rng, t: {'w': _word(rng), 'v': _word(rng)}, lambda t, f: f'{f["w"]} {f["v"]}'),
     'length': _Family('number', (
         'How many letters are in {w}?', 'Length of {w}?',
         'How long is the word {w}?'),
         lambda rng, t: {'w': _word(rng)}, lambda t, f: str(len(f['w']))),
 }
 
-_FIELD_PATTERNS = {'w': '[a-z]+', 'c': '[a-z]', 'a': r'\d+', 'b': r'\d+',
+_FIELD_PATTERNS = {'w': '[a-z]+', 'W': '[A-Z]+', 'v': '[a-z]+', 'c': '[a-z]', 'a': r'\d+', 'b': r'\d+',
                    's': r'\d+', 'op': '[+-]', 'opw': 'plus|minus',
                    't': 'twice|3 times'}
 
@@ -289,12 +304,17 @@ def _cells(config: TaskConfig, split: str) -> tuple[tuple[str, tuple[int, ...]],
 class TaskConfig:
   """What the task is; builder calls choose only which samples to draw."""
   seed: int = 0  # salts the train/valid/test hash split and default streams
-  families: tuple[str, ...] = tuple(FAMILIES)
+  families: tuple[str, ...] = ('upper', 'lower', 'copy', 'repeat', 'pair', 'length')
   heldout_families: tuple[str, ...] = ('length',)
   heldout_templates: tuple[str, ...] = (
-      'reverse/3', 'count/2', 'upper/2', 'arith/3', 'yesno/3')
+      'upper/2', 'lower/2', 'copy/2')
   split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
-  demo_accuracy: float = 0.6
+  demo_accuracy: float = 0.4
+  # How the demonstrator errs when it does (weights): not stopping after the answer, the answer in a
+  # form the instruction did not ask for (case, a spelled-out number, separators), not doing the task
+  # (echoing the input, hedging, an unrelated word), a wrong answer in the right form (a typo, off by
+  # one). The first three are lapses a labeler sees at a glance; the last needs the task solved.
+  lapse_mix: tuple[float, float, float, float] = (0.45, 0.3, 0.15, 0.1)
   k_min: int = 4
   k_max: int = 9
   # Where ranking candidates come from: demonstrator, corrupted answer,
@@ -317,6 +337,8 @@ class TaskConfig:
       raise ValueError(f'need 2 <= k_min <= k_max, got {self.k_min}, {self.k_max}')
     if not 0.0 <= self.demo_accuracy <= 1.0:
       raise ValueError(f'demo_accuracy must be in [0, 1], got {self.demo_accuracy}')
+    if len(self.lapse_mix) != 4 or min(self.lapse_mix) < 0 or not sum(self.lapse_mix) > 0:
+      raise ValueError(f'lapse_mix must be 4 non-negative weights, not all 0, got {self.lapse_mix}')
     if not _cells(self, 'train') or not _cells(self, 'heldout'):
       raise ValueError('both training and held-out prompts must be possible')
 
@@ -497,20 +519,69 @@ def _verbose(text: str, rng: Rng) -> str:
   return _clip(text + tail)
 
 
-def _mistake(inst: Instance, rng: Rng) -> str:
-  """Any response other than the answer, as an imperfect demonstrator errs."""
+_NUMBER_WORDS = ('zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen '
+                 'fifteen sixteen seventeen eighteen nineteen').split()
+_TENS = ('', '', 'twenty', 'thirty', 'forty', 'fifty', 'sixty', 'seventy', 'eighty', 'ninety')
+
+
+def _spelled(n: int) -> str:
+  """0 <= n < 100 in words ('forty-two')."""
+  if n < 20:
+    return _NUMBER_WORDS[n]
+  return _TENS[n // 10] + ('-' + _NUMBER_WORDS[n % 10] if n % 10 else '')
+
+
+def _format_lapse(inst: Instance, rng: Rng) -> str:
+  """The right answer in a form the instruction did not ask for."""
+  ans, kind = inst.answer, inst.kind
+  if kind == 'number':
+    return _spelled(int(ans))
+  if kind == 'yesno':
+    return _pick(rng, (ans.capitalize(), ans.upper(), ans.capitalize() + '.'))
+  if kind == 'letter':
+    return ans.upper()
+  if kind == 'upper':
+    return _pick(rng, (inst.fields['w'], inst.fields['w'].capitalize()))
+  return _pick(rng, (ans.capitalize(), ans.upper(), ans.replace(' ', ', ')))
+
+
+def _off_task(inst: Instance, rng: Rng) -> str:
+  """Not doing the task: echoing the input, hedging, or an unrelated word."""
+  r = rng.random()
+  word = inst.fields.get('w') or inst.fields.get('W')
+  if r < 0.4 and word:
+    return word
+  if r < 0.7:
+    return _pick(rng, ("I don't know", 'not sure', 'ok', 'maybe', 'sure'))
+  return _pick(rng, LEXICON)
+
+
+def _mistake(inst: Instance, rng: Rng, lapse_mix: Sequence[float] = DEFAULT_CONFIG.lapse_mix) -> str:
+  """Any response other than the answer, as an imperfect demonstrator errs: by `lapse_mix`, not
+  stopping after the answer, the answer in the wrong form, not doing the task, or a wrong answer."""
+  total = sum(lapse_mix)
+  cum = [c / total for c in itertools.accumulate(lapse_mix)]
   for _ in range(20):
-    text = _clip(_wrong(inst, rng) if rng.random() < 0.6 else _verbose(inst.answer, rng))
+    r = rng.random()
+    if r < cum[0]:
+      text = _verbose(inst.answer, rng)
+    elif r < cum[1]:
+      text = _format_lapse(inst, rng)
+    elif r < cum[2]:
+      text = _off_task(inst, rng)
+    else:
+      text = _wrong(inst, rng)
+    text = _clip(text)
     if text != inst.answer:
       return text
   return inst.answer + '.'
 
 
-def demonstrate(prompt: str, rng: Rng,
-                accuracy: float = DEFAULT_CONFIG.demo_accuracy) -> str:
-  """A labeler's demonstration: exactly right with probability `accuracy`."""
+def demonstrate(prompt: str, rng: Rng, accuracy: float = DEFAULT_CONFIG.demo_accuracy,
+                lapse_mix: Sequence[float] = DEFAULT_CONFIG.lapse_mix) -> str:
+  """A labeler's demonstration: exactly right with probability `accuracy`, else a lapse."""
   inst = parse(prompt)
-  return inst.answer if rng.random() < accuracy else _mistake(inst, rng)
+  return inst.answer if rng.random() < accuracy else _mistake(inst, rng, lapse_mix)
 
 
 def _junk(inst: Instance, rng: Rng) -> str:
@@ -544,9 +615,9 @@ def candidates(prompt: str, rng: Rng,
       break
     r = rng.random()
     if r < cum[0]:
-      text = demonstrate(prompt, rng, config.demo_accuracy)
+      text = demonstrate(prompt, rng, config.demo_accuracy, config.lapse_mix)
     elif r < cum[1]:
-      text = _mistake(inst, rng)
+      text = _mistake(inst, rng, config.lapse_mix)
       text = _verbose(text, rng) if rng.random() < 0.3 else text
     elif r < cum[2]:
       text = inst.answer
@@ -632,7 +703,7 @@ def sft_examples(split: str, n: int | None = None, seed: int | None = None,
     rng = _rng(seed, 'sft', split, i)
     inst = _sample_instance(rng, split, config)
     out.append({'prompt': inst.prompt, 'family': inst.family,
-                'response': demonstrate(inst.prompt, rng, config.demo_accuracy)})
+                'response': demonstrate(inst.prompt, rng, config.demo_accuracy, config.lapse_mix)})
   return out
 
 
