@@ -4,10 +4,12 @@ The default trains on the embedded task (demonstrations from a noisy demonstrato
 code). Sizes: smoke (seconds, tests), tiny (2 CPU cores, minutes), 1.3b / 6b / 175b (InstructGPT's
 policies, with its hyperparameters: 16 epochs, cosine to 10 %, no warm-up, residual dropout 0.2,
 Adam b2 0.95). `:mix=True` is the "SFT + 10 % pretraining" run that PPO starts from (2 epochs).
-`:target=v4-64` (or another of `common.TARGETS`) lays a full-size run out on that machine
-(`common.mesh_for`).
+`:pretrain=True` trains the base LM on the pretraining corpus alone (next-token loss on every token),
+the stand-in for GPT-3 that the CPU-sized recipe fine-tunes. `:target=v4-64` (or another of
+`common.TARGETS`) lays a full-size run out on that machine (`common.mesh_for`).
 
 python -m rlhf_jax.main --config=experiments/sft.py:tiny --workdir=runs/sft_tiny
+python -m rlhf_jax.main --config=experiments/sft.py:tiny,pretrain=True --workdir=runs/base_tiny
 python -m rlhf_jax.main --config=experiments/sft.py:smoke,data=oasst_demos --workdir=runs/sft_oasst
 python -m rlhf_jax.main --config=experiments/sft.py:size=1.3b,data=oasst_demos \\
     --config.data.manual_dir=/data/oasst --workdir=gs://bucket/sft_1b
@@ -19,7 +21,9 @@ from experiments import common
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, size='tiny', smoke=False, mix=False, data='synthetic', target='')
+  arg = common.parse_arg(arg, size='tiny', smoke=False, mix=False, pretrain=False, data='synthetic', target='')
+  if arg.mix and arg.pretrain:
+    raise ValueError('config arg: mix=True and pretrain=True exclude each other')
   size = 'smoke' if arg.smoke else arg.size
   cpu = size in common.CPU_SIZES
   c = ml_collections.ConfigDict()
@@ -33,7 +37,7 @@ def get_config(arg=None):
                 n_train=20000 if size == 'tiny' else 512, n_valid=256 if size == 'tiny' else 64,
                 n_pretrain=20000 if size == 'tiny' else 512,
                 pretrain_source='synthetic' if arg.data == 'synthetic' else 'plain_text_corpus/tinyshakespeare',
-                pretrain_frac=0.1 if arg.mix else 0.0)
+                pretrain_frac=1.0 if arg.pretrain else 0.1 if arg.mix else 0.0)
   if arg.data != 'synthetic':
     c.model.vocab_size = common.SIZES['1.3b']['vocab_size']   # GPT-2 BPE ids (50257), padded
     c.data.manual_dir = '../shared/data'

@@ -188,6 +188,18 @@ def _scalars(d: dict, prefix: str = '') -> dict:
   return out
 
 
+def sft_sources(pretrain_frac: float, data: dict) -> tuple[list, list[float] | None]:
+  """(record lists, mixing weights) of an SFT run: demonstrations, with `data.pretrain_frac` of the
+  rows pretraining text (the SFT + mix run), or pretraining text alone at 1 (the base model)."""
+  frac = pretrain_frac
+  if not 0.0 <= frac <= 1.0:
+    raise ValueError(f'data.pretrain_frac={frac} must lie in [0, 1]')
+  if frac > 0 and not data['pretrain_train']:
+    raise ValueError(f'data.pretrain_frac={frac} needs pretraining text: set data.pretrain_source')
+  sources = ([data['train']] if frac < 1 else []) + ([data['pretrain_train']] if frac > 0 else [])
+  return sources, ([1 - frac, frac] if len(sources) > 1 else None)
+
+
 def train_sft(c: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None) -> dict:
   """Supervised fine-tuning (InstructGPT §3.5): next-token loss on response tokens only, optionally
   with pretraining text mixed into the batches. Returns the final evaluation metrics.
@@ -205,14 +217,13 @@ def train_sft(c: ml_collections.ConfigDict, workdir: str, *, stop_after: int | N
     n = pipeline.truncation_count(tok, recs, seq_len) if recs else 0
     if n:
       log.warning('%s: %d of %d records are longer than data.seq_len=%d and were truncated', name, n, len(recs), seq_len)
-  per_epoch = max(len(data['train']) // c.train.batch_size, 1)
+  sources, weights = sft_sources(c.data.pretrain_frac, data)
+  per_epoch = max(len(sources[0]) // c.train.batch_size, 1)
   total = c.train.steps or c.train.epochs * per_epoch
   tx = optim.make(c.optim.to_dict(), total)
   example = jnp.zeros((1, seq_len), jnp.int32)
   init_params = lambda key: model.init(key, example)['params']  # noqa: E731
 
-  sources = [data['train']] + ([data['pretrain_train']] if c.data.pretrain_frac > 0 else [])
-  weights = [1 - c.data.pretrain_frac, c.data.pretrain_frac] if len(sources) > 1 else None
   train_iter = iter(pipeline.train_batches(tok, sources, seq_len=seq_len, global_batch=c.train.batch_size,
                                            seed=c.seed, weights=weights, pack=c.data.pack))
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), max_to_keep=c.train.keep_checkpoints)

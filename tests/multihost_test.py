@@ -12,7 +12,9 @@ last bits; SFT stays within 1e-4. The RM's loss depends only on score difference
 along "shift every score" is rounding noise, which Adam (step ≈ lr·g/(|g| + eps)) turns into
 steps of a sizeable fraction of the learning rate: the RM's score offset (score means, the
 normalisation bias) and PPO's value model initialised from it drift by ~1e-4 while every
-score difference (loss, accuracy) stays equal; those stages are compared at 1e-3.
+score difference (loss, accuracy) stays equal; those stages are compared at 1e-3. The smoke RM after
+its few steps is near chance, and some of its ~2,600 validation pairs are near ties: that rounding can
+flip one of them, so its accuracies may differ by 1e-3 (about 2 pairs), not by more.
 """
 import json
 import os
@@ -84,11 +86,12 @@ def _metrics(path: str) -> dict:
   return out
 
 
-def _compare(got: dict, want: dict, rtol: float, atol: float) -> None:
+def _compare(got: dict, want: dict, rtol: float, atol: float, pair_flips: float = 1e-6) -> None:
   assert set(got) == set(want), sorted(set(got) ^ set(want))
   for key in sorted(want):
     if any(k in key[1] for k in INTEGER_KEYS) and 'score_by' not in key[1]:
-      assert got[key] == pytest.approx(want[key], abs=1e-6), key
+      tol = pair_flips if ('accuracy' in key[1] or 'agreement' in key[1]) else 1e-6
+      assert got[key] == pytest.approx(want[key], abs=tol), key
     else:
       np.testing.assert_allclose(got[key], want[key], rtol=rtol, atol=atol, err_msg=str(key))
 
@@ -102,7 +105,7 @@ def test_two_processes_train_sft_like_one(runs):
 @pytest.mark.parametrize('stage', ['rm', 'ppo'])
 def test_two_processes_train_rm_and_ppo_like_one(runs, stage):
   got, want = (_metrics(os.path.join(runs[k], stage, 'metrics.jsonl')) for k in ('two', 'one'))
-  _compare(got, want, rtol=1e-3, atol=1e-3)
+  _compare(got, want, rtol=1e-3, atol=1e-3, pair_flips=1e-3 if stage == 'rm' else 1e-6)
 
 
 def test_two_processes_sample_and_score_like_one(runs):

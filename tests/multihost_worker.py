@@ -29,6 +29,7 @@ PROMPTS = ['Reverse the word: lantern', 'Count the vowels in "banana".', 'Sort: 
 def main(mode: str, workdir: str, mesh: str = '2,2,2') -> None:
   c = instructgpt.get_config('smoke')
   with c.unlocked():
+    del c['pretrain']   # SFT from random weights: the stages compared here are SFT, RM and PPO
     c.rm.init.checkpoint = c.ppo.init.checkpoint = recipe.checkpoints(workdir, 'sft')
     # Kept short for the suite: the sampler is exercised by SFT's gold evaluation, PPO's rollouts and
     # the LM evaluations below, so the RM trains on the task's candidates only; two PPO iterations.

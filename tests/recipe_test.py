@@ -7,6 +7,7 @@ import pytest
 
 from experiments import instructgpt
 from rlhf_jax import recipe
+from rlhf_jax.data import synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, '..', 'shared', 'data')
@@ -18,7 +19,7 @@ def smoke_config():
   return c
 
 
-STAGES = smoke_config().stages.split(',')   # sft .. ppo_ptx, evals (not the headline's sft_large)
+STAGES = smoke_config().stages.split(',')   # pretrain .. ppo_ptx, evals (not the headline's stages)
 
 
 @pytest.fixture(scope='module')
@@ -35,7 +36,8 @@ def test_every_stage_ran_and_the_report_is_written(run):
   with open(os.path.join(workdir, 'report.json')) as f:
     on_disk = json.load(f)
   assert on_disk['version'] == 1 and on_disk['baseline'] == 'sft'
-  assert set(on_disk['models']) == {'untrained', 'sft', 'sft_mix', 'ppo', 'ppo_ptx'}
+  assert STAGES[0] == 'pretrain'
+  assert set(on_disk['models']) == {'untrained', 'pretrain', 'sft', 'sft_mix', 'ppo', 'ppo_ptx'}
   for name, m in on_disk['models'].items():
     assert 0 <= m['gold_score']['sampled'] <= 1 and 0 <= m['gold_score']['greedy'] <= 1
     w = m['win_rate_vs_sft']
@@ -43,6 +45,12 @@ def test_every_stage_ran_and_the_report_is_written(run):
     for r in w.values():
       assert r['ci_low'] <= r['win_rate'] <= r['ci_high'] and r['n'] == 16
     assert m['pretrain_nll'] > 0
+    # Per family: the counts cover the prompts, and their weighted gold scores and wins make up the whole.
+    fam = m['by_family']
+    assert set(fam) <= set(synthetic.FAMILIES) and sum(f['n'] for f in fam.values()) == 16
+    assert sum(f['n'] * f['gold_score'] for f in fam.values()) / 16 == pytest.approx(m['gold_score']['sampled'])
+    assert (sum(f['win_rate_gold']['wins'] + f['win_rate_gold']['ties'] / 2 for f in fam.values()) / 16
+            == pytest.approx(w['gold']['win_rate']))
     if os.path.isdir(DATA):
       assert set(m['truthfulqa']) == {'eval/truthfulqa/mc_task.json', 'eval/truthfulqa/v0/mc_task.json'}
       assert 0 <= m['truthfulqa']['eval/truthfulqa/v0/mc_task.json']['mc2'] <= 1
@@ -66,7 +74,8 @@ def test_every_stage_ran_and_the_report_is_written(run):
       assert f.read(8) == b'\x89PNG\r\n\x1a\n', png
   with open(os.path.join(workdir, 'report.md')) as f:
     md = f.read()
-  for label in ('| untrained |', '| SFT |', '| PPO |', '| PPO-ptx |', 'win_rates.png', '## Best-of-n'):
+  for label in ('| untrained |', '| pretrained |', '| SFT |', '| PPO |', '| PPO-ptx |', 'win_rates.png',
+                '## Best-of-n'):
     assert label in md
 
 
@@ -77,6 +86,21 @@ def test_a_second_run_skips_finished_stages(run):
   assert stamps == {n: os.path.getmtime(recipe.done_path(workdir, n)) for n in STAGES}
 
 
+def test_a_changed_evaluation_reruns_only_the_evaluation(run, tmp_path):
+  """experiments/headline.py run in the main job's workdir adds comparisons: the evaluation reruns
+  (in a copy of the workdir, so the other tests keep theirs), the training stages stay finished."""
+  import shutil
+  workdir = str(tmp_path / 'w')
+  shutil.copytree(run[0], workdir)
+  stamps = {n: os.path.getmtime(recipe.done_path(workdir, n)) for n in STAGES if n != 'evals'}
+  c = smoke_config()
+  c.evals.comparisons = 'ppo_ptx:sft_mix'
+  report = recipe.run(c, workdir)
+  assert set(report['comparisons']) == {'ppo_ptx_vs_sft_mix'}
+  assert stamps == {n: os.path.getmtime(recipe.done_path(workdir, n)) for n in stamps}
+  assert recipe.run(c, workdir) is None      # now finished with this config
+
+
 def test_stage_inputs_come_from_earlier_stages_unless_given():
   c = smoke_config()
   sub = recipe.stage_config(c, 'ppo', '/w')
@@ -84,12 +108,22 @@ def test_stage_inputs_come_from_earlier_stages_unless_given():
   c.ppo.init.checkpoint = '/elsewhere/sft/checkpoints'
   sub = recipe.stage_config(c, 'ppo', '/w')
   assert sub.init.checkpoint == '/elsewhere/sft/checkpoints' and sub.init.reward_checkpoint == '/w/rm/checkpoints'
-  assert recipe.stage_config(c, 'sft_mix', '/w').init.checkpoint == '/w/sft/checkpoints'
+  # SFT and SFT + mix are two fine-tuning runs of the pretrained base model (InstructGPT).
+  assert recipe.stage_config(c, 'sft', '/w').init.checkpoint == '/w/pretrain/checkpoints'
+  assert recipe.stage_config(c, 'sft_mix', '/w').init.checkpoint == '/w/pretrain/checkpoints'
   rm = recipe.stage_config(c, 'rm', '/w').init   # InstructGPT: the RM starts from SFT, ranks the PPO policy's samples
   assert (rm.checkpoint, rm.policy_checkpoint) == ('/w/sft/checkpoints', '/w/sft_mix/checkpoints')
   c.stages = 'sft,typo'
   with pytest.raises(ValueError, match="unknown \\['typo'\\]"):
     recipe.run(c, '/w')
+
+
+def test_a_stage_whose_input_stage_has_not_run_names_both(tmp_path):
+  c = smoke_config()
+  c.stages = 'sft'     # SFT starts from the pretraining stage's checkpoints, which do not exist here
+  with pytest.raises(ValueError, match="config.sft.init.checkpoint is empty.*'pretrain'.*config.stages"):
+    recipe.run(c, str(tmp_path))
+  assert not os.path.exists(os.path.join(str(tmp_path), 'sft'))
 
 
 def test_full_size_recipe_trains_a_6b_rm_from_a_6b_sft_run():
@@ -99,6 +133,8 @@ def test_full_size_recipe_trains_a_6b_rm_from_a_6b_sft_run():
   from experiments import instructgpt
   c = instructgpt.get_config('size=1.3b')
   assert c.stages.split(',')[:4] == ['sft', 'sft_mix', 'sft_rm', 'rm']
+  # No pretraining stage at full size: SFT and SFT + mix start from init.checkpoint (a pretrained LM).
+  assert 'pretrain' not in c and recipe.stage_config(c, 'sft_mix', 'gs://b/run').init.checkpoint == ''
   assert c.sft_rm.model.d_model == c.rm.model.d_model == 4096 and c.ppo.model.d_model == 2048
   rm = recipe.stage_config(c, 'rm', 'gs://b/run').init
   assert (rm.checkpoint, rm.policy_checkpoint) == ('gs://b/run/sft_rm/checkpoints', 'gs://b/run/sft_mix/checkpoints')

@@ -152,3 +152,16 @@ def test_init_from_another_runs_checkpoint(uninterrupted, tmp_path):
   assert step == 1
   _, source = _final(full_dir)
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), params, source)
+
+
+def test_sft_sources_mix_pretraining_rows_or_pretrain_alone():
+  """data.pretrain_frac: 0 demonstrations only (SFT), 0.1 a 90/10 mix (SFT + mix), 1 the pretraining
+  corpus alone (the base model the CPU-sized recipe pretrains)."""
+  data = {'train': ['demo'], 'pretrain_train': ['doc']}
+  assert trainer.sft_sources(0.0, data) == ([['demo']], None)
+  assert trainer.sft_sources(0.1, data) == ([['demo'], ['doc']], [0.9, 0.1])
+  assert trainer.sft_sources(1.0, data) == ([['doc']], None)
+  with pytest.raises(ValueError, match=r'data.pretrain_frac=1.5 must lie in \[0, 1\]'):
+    trainer.sft_sources(1.5, data)
+  with pytest.raises(ValueError, match='set data.pretrain_source'):
+    trainer.sft_sources(1.0, {'train': ['demo'], 'pretrain_train': []})

@@ -1,7 +1,8 @@
 """The recipe's evaluations of every model and the report: report.json, report.md and PNG plots.
 
 `evaluate_recipe(config, workdir)` is the recipe's last stage. It loads each model of
-`evals.models` ('untrained' is the SFT shape at its random initialisation) and measures, on the
+`evals.models` ('untrained' is the SFT shape at its random initialisation, 'pretrain' the base LM
+that SFT starts from) and measures, on the
 embedded task's held-out prompts and on the real evaluation sets in `evals.data_dir`:
 
   gold_score        the gold labeler's mean score of sampled (evals.temperature) and greedy responses
@@ -37,8 +38,9 @@ from rlhf_jax.evals.lm import LM
 log = logging.getLogger('rlhf_jax')
 
 REPORT_VERSION = 1
-LABELS = {'untrained': 'untrained', 'sft': 'SFT', 'sft_mix': 'SFT + mix', 'ppo': 'PPO', 'ppo_ptx': 'PPO-ptx',
-          'sft_large': 'SFT (large)', 'sft_rm': 'SFT (RM shape)'}
+LABELS = {'untrained': 'untrained', 'pretrain': 'pretrained', 'sft': 'SFT', 'sft_mix': 'SFT + mix', 'ppo': 'PPO',
+          'ppo_ptx': 'PPO-ptx', 'pretrain_large': 'pretrained (large)', 'sft_large': 'SFT (large)',
+          'sft_rm': 'SFT (RM shape)'}
 
 
 # ----------------------------------------------------------------------------
@@ -86,10 +88,12 @@ def task_evals(e, lms: dict[str, LM], judges: list, seed: int = 0):
              for n, lm in lms.items()}
   greedy = {n: lm.generate(prompts, temperature=0.0, desc=f'{n} greedy', **gen) for n, lm in lms.items()}
   gold = winrate.GoldJudge()
+  families = [synthetic.parse(p).family for p in raw]
   out = {}
   for n in lms:
     r = {'gold_score': {'sampled': float(gold.scores(raw, sampled[n]).mean()),
                         'greedy': float(gold.scores(raw, greedy[n]).mean())},
+         'by_family': _by_family(raw, families, sampled[n], sampled.get(e.baseline), gold),
          'examples': [{'prompt': p, 'sampled': s, 'greedy': g}
                       for p, s, g in list(zip(raw, sampled[n], greedy[n]))[:8]]}
     if e.baseline in sampled:
@@ -99,6 +103,20 @@ def task_evals(e, lms: dict[str, LM], judges: list, seed: int = 0):
   comparisons = {f'{a}_vs_{b}': {j.name: winrate.compare(raw, sampled[a], sampled[b], j) for j in judges}
                  for a, b in _pairs(e.comparisons)}
   return out, comparisons, raw, sampled.get(e.baseline)
+
+
+def _by_family(raw: list[str], families: list[str], sampled: list[str], baseline: list[str] | None,
+               gold) -> dict:
+  """Per task family: the prompts' count `n`, the gold score of the samples, and their gold win rate
+  against the baseline's samples (where PPO gains and where it exploits the RM)."""
+  out = {}
+  for f in sorted(set(families)):
+    idx = [i for i, g in enumerate(families) if g == f]
+    ps, ys = [raw[i] for i in idx], [sampled[i] for i in idx]
+    out[f] = {'n': len(idx), 'gold_score': float(gold.scores(ps, ys).mean())}
+    if baseline is not None:
+      out[f]['win_rate_gold'] = winrate.compare(ps, ys, [baseline[i] for i in idx], gold)
+  return out
 
 
 def bon_evals(e, lms: dict[str, LM], judges: list, raw: list[str], baseline: list[str] | None,
@@ -303,6 +321,17 @@ def markdown(report: dict, images: list[str]) -> str:
             _fmt(_get(m, 'toxicity', 'respectful', 'all', 'mean_toxicity')),
             _fmt(m.get('pretrain_nll')), _fmt(_get(m, 'piqa', 'acc'))]
     lines.append('| ' + ' | '.join(row) + ' |')
+  fams = sorted({f for m in models.values() for f in (m.get('by_family') or {})})
+  if fams:
+    lines += ['', f'## By task family: gold score of samples / gold win rate vs {LABELS.get(b, b)}', '',
+              '| model | ' + ' | '.join(f"{f} (n {_get(next(iter(models.values())), 'by_family', f, 'n')})"
+                                       for f in fams) + ' |', '|---|' + '---|' * len(fams)]
+    for n, m in models.items():
+      cells = []
+      for f in fams:
+        g, w = _get(m, 'by_family', f, 'gold_score'), _get(m, 'by_family', f, 'win_rate_gold', 'win_rate')
+        cells.append(_fmt(g) + ('' if w is None else f' / {w:.2f}'))
+      lines.append(f'| {LABELS.get(n, n)} | ' + ' | '.join(cells) + ' |')
   for pair, ws in (report.get('comparisons') or {}).items():
     a, b = pair.split('_vs_')
     params = {n: models.get(n, {}).get('params') for n in (a, b)}
