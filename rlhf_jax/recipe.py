@@ -7,7 +7,7 @@ reads the previous stage's (the table `INPUTS`); one given in the config is used
 `{workdir}` standing for the recipe's workdir (`rm.init.checkpoint='{workdir}/sft_rm/checkpoints'`:
 the full-size recipe's 6B RM starts from a 6B SFT run, whatever the policy's size). A stage that
 finished (its `done.json` exists) is skipped; an interrupted one resumes from its checkpoints. The
-evaluation stage reruns when its config or the recipe's stages differ from those it ran with.
+evaluation stage reruns when its config differs from the one it ran with.
 """
 from __future__ import annotations
 
@@ -82,9 +82,8 @@ def _check_inputs(c: ml_collections.ConfigDict, name: str, workdir: str) -> None
 
 
 def _evals_key(c: ml_collections.ConfigDict) -> dict:
-  """What an evaluation's result depends on besides the checkpoints: its config and which stages exist."""
-  return json.loads(json.dumps({'evals': c.evals.to_dict(), 'stages': [s for s in ORDER if s in c]},
-                               default=str))
+  """The evaluation's config (its models, comparisons and sets) as the JSON it is recorded as."""
+  return json.loads(json.dumps(c.evals.to_dict(), default=str))
 
 
 def _evaluated_with(done: str):
@@ -109,7 +108,7 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict:
         continue
       # The evaluation is cheap next to training and its config names the models it compares: a run
       # that adds models or comparisons (experiments/headline.py in the main job's workdir) reruns it.
-      log.info('[%s] finished earlier with another evals config or models (%s): rerunning', name, done)
+      log.info('[%s] finished earlier with another evals config (%s): rerunning', name, done)
     log.info('[%s] starting in %s', name, fs.join(workdir, name))
     t0 = time.time()
     if name == 'evals':

@@ -191,7 +191,7 @@ def _scalars(d: dict, prefix: str = '') -> dict:
 def sft_sources(pretrain_frac: float, data: dict) -> tuple[list, list[float] | None]:
   """(record lists, mixing weights) of an SFT run: demonstrations, with `data.pretrain_frac` of the
   rows pretraining text (the SFT + mix run), or pretraining text alone at 1 (the base model)."""
-  frac = pretrain_frac
+  frac = float(pretrain_frac)
   if not 0.0 <= frac <= 1.0:
     raise ValueError(f'data.pretrain_frac={frac} must lie in [0, 1]')
   if frac > 0 and not data['pretrain_train']:

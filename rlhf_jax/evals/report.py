@@ -88,12 +88,13 @@ def task_evals(e, lms: dict[str, LM], judges: list, seed: int = 0):
              for n, lm in lms.items()}
   greedy = {n: lm.generate(prompts, temperature=0.0, desc=f'{n} greedy', **gen) for n, lm in lms.items()}
   gold = winrate.GoldJudge()
-  families = [synthetic.parse(p).family for p in raw]
+  families = np.array([synthetic.parse(p).family for p in raw])
+  scores = {n: gold.scores(raw, ys) for n, ys in sampled.items()}
   out = {}
   for n in lms:
-    r = {'gold_score': {'sampled': float(gold.scores(raw, sampled[n]).mean()),
+    r = {'gold_score': {'sampled': float(scores[n].mean()),
                         'greedy': float(gold.scores(raw, greedy[n]).mean())},
-         'by_family': _by_family(raw, families, sampled[n], sampled.get(e.baseline), gold),
+         'by_family': _by_family(families, scores[n], scores.get(e.baseline)),
          'examples': [{'prompt': p, 'sampled': s, 'greedy': g}
                       for p, s, g in list(zip(raw, sampled[n], greedy[n]))[:8]]}
     if e.baseline in sampled:
@@ -105,17 +106,16 @@ def task_evals(e, lms: dict[str, LM], judges: list, seed: int = 0):
   return out, comparisons, raw, sampled.get(e.baseline)
 
 
-def _by_family(raw: list[str], families: list[str], sampled: list[str], baseline: list[str] | None,
-               gold) -> dict:
-  """Per task family: the prompts' count `n`, the gold score of the samples, and their gold win rate
-  against the baseline's samples (where PPO gains and where it exploits the RM)."""
+def _by_family(families: np.ndarray, scores: np.ndarray, baseline: np.ndarray | None) -> dict:
+  """Per task family, from the gold scores of a model's samples and of the baseline's (same prompts):
+  the prompts' count `n`, the mean gold score, and the gold win rate against the baseline (where PPO
+  gains and where it exploits the RM)."""
   out = {}
   for f in sorted(set(families)):
-    idx = [i for i, g in enumerate(families) if g == f]
-    ps, ys = [raw[i] for i in idx], [sampled[i] for i in idx]
-    out[f] = {'n': len(idx), 'gold_score': float(gold.scores(ps, ys).mean())}
+    idx = families == f
+    out[str(f)] = {'n': int(idx.sum()), 'gold_score': float(scores[idx].mean())}
     if baseline is not None:
-      out[f]['win_rate_gold'] = winrate.compare(ps, ys, [baseline[i] for i in idx], gold)
+      out[str(f)]['win_rate_gold'] = winrate.win_rate(winrate.outcomes_from_scores(scores[idx], baseline[idx]))
   return out
 
 
@@ -321,11 +321,11 @@ def markdown(report: dict, images: list[str]) -> str:
             _fmt(_get(m, 'toxicity', 'respectful', 'all', 'mean_toxicity')),
             _fmt(m.get('pretrain_nll')), _fmt(_get(m, 'piqa', 'acc'))]
     lines.append('| ' + ' | '.join(row) + ' |')
-  fams = sorted({f for m in models.values() for f in (m.get('by_family') or {})})
+  counts = {f: r['n'] for m in models.values() for f, r in (m.get('by_family') or {}).items()}
+  fams = sorted(counts)
   if fams:
     lines += ['', f'## By task family: gold score of samples / gold win rate vs {LABELS.get(b, b)}', '',
-              '| model | ' + ' | '.join(f"{f} (n {_get(next(iter(models.values())), 'by_family', f, 'n')})"
-                                       for f in fams) + ' |', '|---|' + '---|' * len(fams)]
+              '| model | ' + ' | '.join(f'{f} (n {counts[f]})' for f in fams) + ' |', '|---|' + '---|' * len(fams)]
     for n, m in models.items():
       cells = []
       for f in fams:
